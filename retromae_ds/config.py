@@ -1,0 +1,332 @@
+"""The run configuration: one typed dataclass, filled from defaults < YAML file < command line.
+
+Why one flat dataclass: every knob of a run is visible in one place, becomes a `--flag` and a YAML
+key of the same name automatically, and is saved whole inside every checkpoint. The set of fields the
+user gave explicitly is kept, so that a DeepSpeed JSON value that disagrees with an explicit flag is
+an error rather than a silent override (see `resolve_deepspeed_config`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from retromae_ds.errors import UserError
+
+DEMO_DATA_PREFIX = "data/demo/minilm_128"
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field carrying its --help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- data -------------------------------------------------------------------------------
+    data: list = _f([], "prepared dataset prefix(es) written by `retromae-ds prepare` (PREFIX.bin/.idx/.json)")
+    data_weights: list = _f([], "blend weights, one per --data prefix (default: proportional to size)")
+    max_seq_len: int = _f(0, "tokens per sample incl. [CLS]/[SEP]; 0 = the dataset's max_seq_len; longer blocks are cut")
+    # --- model ------------------------------------------------------------------------------
+    model: str = _f("", "HF masked-LM / encoder folder, or a RetroMAE folder (continues with its decoder)")
+    model_config: str = _f("", "HF config.json or folder to start from random init (needs --tokenizer)")
+    tokenizer: str = _f("", "tokenizer folder (default: the one inside --model)")
+    objective: str = _f("retromae", "retromae | dupmae | mlm (encoder MLM only: the ablation baseline)",
+                        choices=("retromae", "dupmae", "mlm"))
+    bow_loss_weight: float = _f(1.0, "weight of the DupMAE bag-of-words loss")
+    encoder_mask_ratio: float = _f(0.3, "encoder whole-word masking ratio")
+    decoder_mask_ratio: float = _f(0.5, "decoder whole-word masking ratio (per attention row)")
+    ce_chunk_size: int = _f(0, "rows per chunk for the vocabulary projection + cross-entropy (0 = no chunking)")
+    # --- optimisation -----------------------------------------------------------------------
+    micro_batch_size: int = _f(8, "samples per rank per forward")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    max_steps: int = _f(0, "optimizer steps to train (0 = derive from --epochs)")
+    epochs: float = _f(0.0, "passes over the training data (used when --max-steps is 0)")
+    time_budget: str = _f("", "stop cleanly (checkpoint + exit 0) after this wall time, e.g. 3600, 90m, 23h30m")
+    lr: float = _f(1e-4, "peak learning rate")
+    warmup: float = _f(0.1, "warm-up: a fraction of the run if < 1, else a number of steps")
+    schedule: str = _f("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of --lr")
+    weight_decay: float = _f(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights)")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_eps: float = _f(1e-8, "AdamW epsilon")
+    clip: float = _f(1.0, "gradient clipping by global norm (0 = off)")
+    precision: str = _f("auto", "auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPU",
+                        choices=("auto", "bf16", "fp16", "fp32"))
+    activation_checkpointing: bool = _f(False, "recompute encoder layers and the decoder in backward (less memory)")
+    max_nonfinite_steps: int = _f(10, "stop after this many consecutive steps with a NaN/inf loss or gradient")
+    # --- checkpoints, logging, evaluation ----------------------------------------------------
+    output_dir: str = _f("runs/retromae", "checkpoints, metrics.jsonl, TensorBoard events and the exported model")
+    save_interval: int = _f(500, "save a checkpoint every N steps (0 = only at the end / on a signal)")
+    keep_last: int = _f(2, "complete checkpoints to keep")
+    resume: str = _f("auto", "auto = newest complete checkpoint in --output-dir if any; a checkpoint path; none")
+    seed: int = _f(42, "seed of data order, masks, dropout and the decoder's initialisation")
+    log_interval: int = _f(10, "log metrics every N steps")
+    tensorboard_dir: str = _f("", "TensorBoard folder (default OUTPUT_DIR/tensorboard)")
+    eval_interval: int = _f(0, "evaluate every N steps (0 = only at the end); Lee similarity + held-out retrieval")
+    eval_heldout_docs: int = _f(50, "documents at the end of the first dataset held out for retrieval eval (0 = none)")
+    eval_max_length: int = _f(256, "max tokens per text in evaluation")
+    export: bool = _f(True, "export the encoder (HF format) to OUTPUT_DIR/export at the end")
+    peak_tflops: float = _f(0.0, "peak device TFLOPs for MFU (0 = look up the device type)")
+    # --- DeepSpeed ----------------------------------------------------------------------------
+    deepspeed: str = _f("ds_configs/zero2.json", "DeepSpeed JSON; its \"auto\" fields are filled from this config")
+    # Test hook, hidden from --help: make the loss non-finite at these steps.
+    inject_nonfinite_steps: list = _f([], argparse.SUPPRESS)
+
+    # Names the user set explicitly (YAML or CLI); not a flag.
+    explicit: set = field(default_factory=set, metadata={"internal": True})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
+
+    @property
+    def is_demo(self) -> bool:
+        return not self.data and not self.model and not self.model_config
+
+
+def config_fields():
+    return [f for f in dataclasses.fields(TrainConfig) if not f.metadata.get("internal")]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One --flag per config field; defaults are suppressed so we can tell what the user set."""
+    parser.add_argument("--config", metavar="RUN.yaml", help="YAML file with any of the flags below (CLI wins)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if f.metadata["help"] is not argparse.SUPPRESS:
+            kw["help"] = f"{f.metadata['help']} (default: {default!r})" if default not in ("", [], 0) else f.metadata["help"]
+        if isinstance(default, bool):
+            kw["action"] = argparse.BooleanOptionalAction
+        elif isinstance(default, list):
+            kw["nargs"] = "+"
+            kw["type"] = float if f.name == "data_weights" else (int if f.name == "inject_nonfinite_steps" else str)
+        else:
+            kw["type"] = type(default)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kw)
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    f = {f.name: f for f in config_fields()}[name]
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, list):
+            return list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{source}: `{name}` must be a {type(default).__name__}, got {value!r}.") from None
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: no such file. Give the path of a YAML file with run settings.")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({err}).") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of setting: value, got {type(data).__name__}.")
+    known = {f.name for f in config_fields()}
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = [k for k in known if k.startswith(name[:4])]
+            hint = f" Did you mean {', '.join(sorted(close))}?" if close else ""
+            raise UserError(f"--config {path}: unknown setting `{key}`.{hint} See `retromae-ds train --help`.")
+        out[name] = _coerce(name, value, f"--config {path}")
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        values.update(load_yaml(args.config))
+    known = {f.name for f in config_fields()}
+    values.update({k: v for k, v in vars(args).items() if k in known})
+    cfg = TrainConfig(**values)
+    cfg.explicit = set(values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise UserError(msg)
+
+    need(cfg.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}.")
+    need(cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}.")
+    need(cfg.max_steps >= 0 and cfg.epochs >= 0, "--max-steps and --epochs must be >= 0.")
+    need(0 < cfg.encoder_mask_ratio < 1 and 0 < cfg.decoder_mask_ratio < 1,
+         "--encoder-mask-ratio and --decoder-mask-ratio must be in (0, 1).")
+    need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}.")
+    need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}.")
+    need(cfg.keep_last >= 1, f"--keep-last must be >= 1, got {cfg.keep_last}.")
+    need(cfg.log_interval >= 1, f"--log-interval must be >= 1, got {cfg.log_interval}.")
+    need(not cfg.data_weights or len(cfg.data_weights) == len(cfg.data),
+         f"--data-weights has {len(cfg.data_weights)} values for {len(cfg.data)} --data prefixes: give one weight per prefix.")
+    need(not (cfg.model and cfg.model_config),
+         "--model and --model-config both given: use --model to start from weights, or --model-config "
+         "(+ --tokenizer) to start from random initialisation.")
+    need(not cfg.model_config or cfg.tokenizer, "--model-config needs --tokenizer (the vocabulary the data was prepared with).")
+    need(cfg.is_demo or cfg.data, "--data is required when --model/--model-config is given (prepare it with `retromae-ds prepare`).")
+    need(cfg.is_demo or cfg.model or cfg.model_config, "--model (or --model-config + --tokenizer) is required with --data.")
+    parse_time_budget(cfg.time_budget)
+
+
+def parse_time_budget(text: str) -> float | None:
+    """'' -> None; '3600' -> 3600 s; '90m', '1h30m', '2d' -> seconds."""
+    if not text:
+        return None
+    text = str(text).strip()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    m = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
+    if not m or not any(m.groups()):
+        raise UserError(f"--time-budget {text!r}: use seconds (3600) or a duration like 90m, 23h30m, 2d.")
+    d, h, mi, s = (int(g or 0) for g in m.groups())
+    return float(((d * 24 + h) * 60 + mi) * 60 + s)
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSpeed JSON "auto" resolution
+# ------------------------------------------------------------------------------------------------
+
+def load_deepspeed_json(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--deepspeed {path}: no such file. Use one of ds_configs/zero2.json, zero3.json, "
+                        f"zero3_offload.json or your own DeepSpeed JSON.")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"--deepspeed {path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}).") from None
+
+
+def resolve_precision(cfg: TrainConfig, device_type: str, bf16_supported: bool) -> str:
+    """auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU.
+
+    fp32 on CPU is deliberate: bf16 matmuls are ~10x slower than fp32 on CPUs without AVX512-BF16/AMX,
+    and fp16 does not run on CPU in DeepSpeed at all."""
+    if cfg.precision != "auto":
+        if cfg.precision == "fp16" and device_type == "cpu":
+            raise UserError("--precision fp16 needs a GPU (DeepSpeed has no fp16 on CPU): use fp32 or bf16.")
+        return cfg.precision
+    if device_type == "cpu":
+        return "fp32"
+    return "bf16" if bf16_supported else "fp16"
+
+
+def resolve_deepspeed_config(ds: dict[str, Any], cfg: TrainConfig, *, world_size: int, precision: str,
+                             source: str = "DeepSpeed config", on_cpu: bool = False) -> dict[str, Any]:
+    """Fill every "auto" in the DeepSpeed JSON from the run config.
+
+    A concrete JSON value is kept when the user did not set the matching flag (and copied back into
+    `cfg`, so the trainer and the checkpoint agree with DeepSpeed); when the user did set it and the
+    two disagree, that is an error naming both places.
+    """
+    ds = json.loads(json.dumps(ds))  # deep copy
+
+    def settle(container: dict, key: str, cfg_name: str | None, value: Any, where: str):
+        if key not in container or container[key] == "auto":
+            container[key] = value
+            return
+        given = container[key]
+        if cfg_name is None:
+            if given != value:
+                raise UserError(f"{source}: `{where}` = {given!r} but the run needs {value!r} "
+                                f"(derived from micro batch x grad accum x world size); set it to \"auto\".")
+            return
+        same = math.isclose(float(given), float(value), rel_tol=1e-9) if isinstance(value, (int, float)) and not isinstance(value, bool) else given == value
+        if same:
+            return
+        if cfg_name in cfg.explicit:
+            flag = "--" + cfg_name.replace("_", "-")
+            raise UserError(f"{source}: `{where}` = {given!r} disagrees with {flag} {value!r}. Set one of them "
+                            f"(\"auto\" in the JSON takes the flag's value).")
+        setattr(cfg, cfg_name, type(value)(given))
+        container[key] = given
+
+    settle(ds, "train_micro_batch_size_per_gpu", "micro_batch_size", cfg.micro_batch_size, "train_micro_batch_size_per_gpu")
+    settle(ds, "gradient_accumulation_steps", "grad_accum", cfg.grad_accum, "gradient_accumulation_steps")
+    settle(ds, "train_batch_size", None, cfg.micro_batch_size * cfg.grad_accum * world_size, "train_batch_size")
+    settle(ds, "gradient_clipping", "clip", cfg.clip, "gradient_clipping")
+
+    opt = ds.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    settle(params, "lr", "lr", cfg.lr, "optimizer.params.lr")
+    settle(params, "weight_decay", "weight_decay", cfg.weight_decay, "optimizer.params.weight_decay")
+    settle(params, "eps", "adam_eps", cfg.adam_eps, "optimizer.params.eps")
+    betas = params.get("betas", "auto")
+    if betas == "auto":
+        params["betas"] = [cfg.adam_beta1, cfg.adam_beta2]
+    else:
+        for i, name in enumerate(("adam_beta1", "adam_beta2")):
+            settle({"b": betas[i]}, "b", name, getattr(cfg, name), f"optimizer.params.betas[{i}]")
+        params["betas"] = [cfg.adam_beta1, cfg.adam_beta2]
+    if opt.get("type", "").lower() in ("adam", "adamw") and "torch_adam" not in params:
+        # torch's AdamW (multi-tensor on GPUs) needs no JIT build; DeepSpeed's FusedAdam compiles for
+        # about a minute at first use (and cannot on CPU). "torch_adam": false in the JSON opts back in.
+        params["torch_adam"] = True
+
+    for key, want in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        section = ds.setdefault(key, {})
+        enabled = section.get("enabled", "auto")
+        if enabled == "auto":
+            section["enabled"] = want
+        elif bool(enabled) != want:
+            if "precision" in cfg.explicit:
+                raise UserError(f"{source}: `{key}.enabled` = {enabled} disagrees with --precision {cfg.precision}. "
+                                f"Set `{key}.enabled` to \"auto\" or change --precision.")
+            raise UserError(f"{source}: `{key}.enabled` = {enabled} but precision resolved to {precision} on this "
+                            f"device; set `{key}.enabled` to \"auto\" or pass --precision explicitly.")
+
+    zero = ds.get("zero_optimization", {})
+    for key, value in list(zero.items()):
+        if value == "auto":
+            raise UserError(f"{source}: `zero_optimization.{key}` = \"auto\" is not supported; give a number.")
+    ds.setdefault("steps_per_print", 10**9)  # we log ourselves
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+def default_ds_config_path() -> str:
+    here = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
+    return str(here) if here.exists() else "ds_configs/zero2.json"
+
+
+def env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default

@@ -1,0 +1,454 @@
+"""Packed, memory-mapped token blocks on disk, and the views the trainer reads them through.
+
+File format (version 1; all integers little-endian). A dataset is three files sharing one PREFIX:
+
+``PREFIX.bin``
+    The token ids of every block, back to back, as a flat array of ``dtype`` (``uint16`` when the
+    tokenizer's vocabulary fits in 65,500 ids, else ``int32``). Blocks hold no [CLS]/[SEP]: the
+    trainer adds them, so a block is at most ``max_seq_len - 2`` ids. The blocks of one document are
+    consecutive, and so are the documents, so a document is a contiguous slice too.
+
+``PREFIX.idx``
+    A 64-byte header followed by three arrays::
+
+        offset  size  field
+        0       8     magic  b"RMAEIDX\\x00"
+        8       4     version (uint32) = 1
+        12      4     dtype code (uint32): 1 = uint16, 2 = int32
+        16      8     num_blocks (uint64)
+        24      8     num_documents (uint64)
+        32      8     num_tokens (uint64) = length of PREFIX.bin in ids
+        40      16    build_id: random bytes, also stored in PREFIX.json, so that files of two
+                      different runs are never mistaken for one dataset
+        56      8     reserved, zero
+        64            pointers  int64[num_blocks]        byte offset of each block in PREFIX.bin
+                      doc_index int64[num_documents + 1]  first block of each document; last = num_blocks
+                      sizes     int32[num_blocks]        number of ids in each block
+
+    The 8-byte arrays come first so that every array is aligned for zero-copy memory mapping.
+
+``PREFIX.json``
+    Human-readable metadata: ``format_version``, ``build_id`` (hex), ``max_seq_len``, ``dtype``,
+    counts (``num_documents``, ``num_blocks``, ``num_tokens``, ``dropped_empty_documents``,
+    ``skipped_bad_records``), ``sources`` and ``tokenizer`` (see :func:`tokenizer_fingerprint`).
+
+Writing is atomic: the writer fills ``*.partial`` files and renames them at the end, ``.idx`` last.
+A dataset whose ``.idx`` exists is therefore complete; an interrupted run leaves only ``.partial``
+files, which nothing opens. Opening checks the header, the array sizes, the length of ``.bin`` and
+that the three files come from the same run, so a truncated or mixed-up dataset fails loudly instead
+of training on garbage.
+
+This is the layout of Megatron-LM's indexed dataset (one flat token file plus an index of sizes,
+pointers and document boundaries, memory-mapped by every rank) with our own magic and header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import operator
+import os
+import struct
+from typing import Any, Sequence
+
+import numpy as np
+
+from retromae_ds.errors import UserError
+
+FORMAT_VERSION = 1
+MAGIC = b"RMAEIDX\x00"
+HEADER = struct.Struct("<8sIIQQQ16s8x")
+assert HEADER.size == 64
+DTYPE_CODES = {1: np.dtype(np.uint16), 2: np.dtype(np.int32)}
+UINT16_VOCAB_LIMIT = 65_500
+PARTIAL = ".partial"
+TOKENIZER_KEYS = ("vocab_hash", "vocab_size", "cls_token_id", "sep_token_id", "pad_token_id",
+                  "mask_token_id", "unk_token_id")
+
+
+def dataset_paths(prefix: str) -> dict[str, str]:
+    """The three file names of a dataset (``bin``, ``idx``, ``json``)."""
+    return {ext: f"{prefix}.{ext}" for ext in ("bin", "idx", "json")}
+
+
+def normalize_prefix(path: str) -> str:
+    """Accept ``data/wiki``, ``data/wiki.idx`` or ``data/wiki.bin`` for the same dataset."""
+    for ext in (".bin", ".idx", ".json"):
+        if path.endswith(ext):
+            return path[: -len(ext)]
+    return path
+
+
+def choose_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves the file size; ids up to 65,500 leave headroom below 65,535."""
+    return np.dtype(np.uint16) if vocab_size <= UINT16_VOCAB_LIMIT else np.dtype(np.int32)
+
+
+def _dtype_code(dtype: np.dtype) -> int:
+    for code, known in DTYPE_CODES.items():
+        if known == dtype:
+            return code
+    raise ValueError(f"unsupported token dtype {dtype}; use one of {sorted(map(str, DTYPE_CODES.values()))}")
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer identity
+# --------------------------------------------------------------------------------------------
+
+def tokenizer_fingerprint(tokenizer) -> dict[str, Any]:
+    """What must agree between the tokenizer that wrote a dataset and the model that trains on it.
+
+    ``vocab_hash`` is the sha256 of the sorted (token, id) pairs, so it is the same in every process
+    and on every machine. It does not see normalisation (e.g. lower-casing), which the name shows.
+    """
+    vocab = tokenizer.get_vocab()
+    items = sorted(vocab.items())
+    digest = hashlib.sha256(json.dumps(items, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+    return {
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "class": type(tokenizer).__name__,
+        "vocab_size": max(len(tokenizer), max(vocab.values(), default=-1) + 1),
+        "vocab_hash": digest.hexdigest(),
+        "cls_token_id": tokenizer.cls_token_id,
+        "sep_token_id": tokenizer.sep_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "mask_token_id": tokenizer.mask_token_id,
+        "unk_token_id": tokenizer.unk_token_id,
+    }
+
+
+def check_tokenizer_matches(meta: dict, tokenizer, prefix: str) -> None:
+    """Refuse to train a model on ids written by a different tokenizer.
+
+    ``meta`` is a dataset's metadata (``IndexedDataset.meta``) or its ``"tokenizer"`` entry.
+    """
+    written = meta.get("tokenizer", meta)
+    current = tokenizer_fingerprint(tokenizer)
+    differences = [f"{key} {written.get(key)!r} vs {current[key]!r}"
+                   for key in TOKENIZER_KEYS if written.get(key) != current[key]]
+    if differences:
+        raise UserError(
+            f"dataset {prefix} was tokenized with {written.get('class')} from "
+            f"'{written.get('name_or_path')}', which does not match the model's tokenizer "
+            f"{current['class']} from '{current['name_or_path']}' (dataset vs model: "
+            f"{'; '.join(differences)}). Token ids would mean different words. Re-run "
+            f"`retromae-ds prepare --tokenizer <the model's tokenizer folder>` for this model, or train "
+            f"the model whose tokenizer prepared the dataset.")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+class IndexedDatasetWriter:
+    """Appends documents (ids plus block sizes) to ``PREFIX.bin`` and writes the index at the end.
+
+    Use as a context manager: leaving the block with an exception (or without :meth:`finalize`)
+    deletes the partial files, so a failed run leaves nothing that looks like a dataset.
+    """
+
+    def __init__(self, prefix: str, dtype) -> None:
+        self.prefix = prefix
+        self.dtype = np.dtype(dtype)
+        self._code = _dtype_code(self.dtype)
+        self._limits = np.iinfo(self.dtype)
+        self._paths = dataset_paths(prefix)
+        self._partial = {ext: path + PARTIAL for ext, path in self._paths.items()}
+        parent = os.path.dirname(os.path.abspath(prefix))
+        os.makedirs(parent, exist_ok=True)
+        self._bin = open(self._partial["bin"], "wb")
+        self._sizes: list[np.ndarray] = []
+        self._doc_blocks: list[np.ndarray] = []
+        self.num_tokens = 0
+        self.num_blocks = 0
+        self.num_documents = 0
+        self._done = False
+
+    def add_document(self, ids: Sequence[int], block_sizes: Sequence[int]) -> None:
+        """One document: its ids in order and how they are cut into blocks."""
+        self.add_documents(ids, block_sizes, [len(block_sizes)])
+
+    def add_documents(self, ids, block_sizes, doc_block_counts) -> None:
+        """Several documents at once: ids of all of them, all block sizes, blocks per document."""
+        ids = np.asarray(ids)
+        sizes = np.asarray(block_sizes, dtype=np.int64)
+        counts = np.asarray(doc_block_counts, dtype=np.int64)
+        if sizes.sum() != len(ids) or counts.sum() != len(sizes):
+            raise ValueError(f"{len(ids)} ids, block sizes summing to {sizes.sum()} over {len(sizes)} "
+                             f"blocks, block counts summing to {counts.sum()}: they must agree")
+        if (sizes < 1).any() or (counts < 1).any():
+            raise ValueError("every block needs at least one id and every document at least one block")
+        if len(ids) and (ids.min() < self._limits.min or ids.max() > self._limits.max):
+            raise ValueError(f"token id range [{ids.min()}, {ids.max()}] does not fit {self.dtype}")
+        self._bin.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        self._sizes.append(sizes.astype(np.int32))
+        self._doc_blocks.append(counts)
+        self.num_tokens += len(ids)
+        self.num_blocks += len(sizes)
+        self.num_documents += len(counts)
+
+    def finalize(self, meta: dict | None = None) -> dict:
+        """Write index and metadata, then rename all three files into place (``.idx`` last)."""
+        self._bin.close()
+        sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
+        doc_blocks = np.concatenate(self._doc_blocks) if self._doc_blocks else np.zeros(0, np.int64)
+        pointers = np.zeros(len(sizes), np.int64)
+        np.cumsum(sizes[:-1], dtype=np.int64, out=pointers[1:])
+        pointers *= self.dtype.itemsize
+        doc_index = np.zeros(len(doc_blocks) + 1, np.int64)
+        np.cumsum(doc_blocks, out=doc_index[1:])
+        build_id = os.urandom(16)
+        with open(self._partial["idx"], "wb") as f:
+            f.write(HEADER.pack(MAGIC, FORMAT_VERSION, self._code, self.num_blocks, self.num_documents,
+                                self.num_tokens, build_id))
+            f.write(pointers.tobytes())
+            f.write(doc_index.tobytes())
+            f.write(sizes.tobytes())
+        full_meta = dict(meta or {})
+        full_meta.update(format_version=FORMAT_VERSION, build_id=build_id.hex(), dtype=self.dtype.name,
+                         num_documents=self.num_documents, num_blocks=self.num_blocks,
+                         num_tokens=self.num_tokens)
+        with open(self._partial["json"], "w", encoding="utf-8") as f:
+            json.dump(full_meta, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+        if os.path.exists(self._paths["idx"]):  # an older dataset: invalidate it before replacing
+            os.remove(self._paths["idx"])
+        for ext in ("bin", "json", "idx"):
+            os.replace(self._partial[ext], self._paths[ext])
+        self._done = True
+        return full_meta
+
+    def abort(self) -> None:
+        """Close and delete the partial files (nothing final is touched)."""
+        self._bin.close()
+        for path in self._partial.values():
+            if os.path.exists(path):
+                os.remove(path)
+        self._done = True
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._done:
+            self.abort()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+class IndexedDataset:
+    """Read-only, memory-mapped view of a prepared dataset: ``ds[i]`` is block i's ids.
+
+    ``ds[i]`` is a zero-copy numpy view into ``PREFIX.bin`` without [CLS]/[SEP]. Attributes:
+    ``sizes`` (ids per block), ``doc_index`` (first block of each document, then ``len(ds)``),
+    ``num_documents``, ``num_tokens``, ``meta`` (``PREFIX.json``), ``prefix``.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = normalize_prefix(prefix)
+        self._open()
+
+    def _fail(self, path: str, problem: str) -> UserError:
+        return UserError(f"{path}: {problem}. The dataset is damaged or incomplete; re-run "
+                         f"`retromae-ds prepare --output {self.prefix} --overwrite ...` to rebuild it.")
+
+    def _open(self) -> None:
+        paths = dataset_paths(self.prefix)
+        if not os.path.exists(paths["idx"]):
+            leftovers = [p + PARTIAL for p in paths.values() if os.path.exists(p + PARTIAL)]
+            hint = (f" Only unfinished files of an interrupted prepare exist ({', '.join(leftovers)}); "
+                    f"run prepare again.") if leftovers else ""
+            raise UserError(f"no prepared dataset at {self.prefix}: {paths['idx']} does not exist.{hint} "
+                            f"Create one with `retromae-ds prepare --output {self.prefix} ...` "
+                            f"(or `--demo`).")
+        for ext in ("bin", "json"):
+            if not os.path.exists(paths[ext]):
+                raise self._fail(paths[ext], "missing")
+        with open(paths["json"], encoding="utf-8") as f:
+            try:
+                self.meta = json.load(f)
+            except json.JSONDecodeError as err:
+                raise self._fail(paths["json"], f"not valid JSON ({err})") from None
+
+        idx_len = os.path.getsize(paths["idx"])
+        if idx_len < HEADER.size:
+            raise self._fail(paths["idx"], f"only {idx_len} bytes, shorter than the {HEADER.size}-byte header")
+        with open(paths["idx"], "rb") as f:
+            magic, version, code, nb, nd, nt, build_id = HEADER.unpack(f.read(HEADER.size))
+        if magic != MAGIC:
+            raise self._fail(paths["idx"], f"wrong magic {magic!r} (expected {MAGIC!r}): not a retromae-ds index")
+        if version != FORMAT_VERSION:
+            raise self._fail(paths["idx"], f"format version {version}, this code reads {FORMAT_VERSION}")
+        if code not in DTYPE_CODES:
+            raise self._fail(paths["idx"], f"unknown dtype code {code}")
+        expected = HEADER.size + 8 * nb + 8 * (nd + 1) + 4 * nb
+        if idx_len != expected:
+            raise self._fail(paths["idx"], f"{idx_len} bytes, expected {expected} for {nb} blocks and "
+                                           f"{nd} documents (truncated or corrupt)")
+        if self.meta.get("build_id") != build_id.hex():
+            raise self._fail(paths["json"], "build_id differs from the one in the .idx header: the files "
+                                            "come from different prepare runs")
+        self.dtype = DTYPE_CODES[code]
+        bin_len = os.path.getsize(paths["bin"])
+        if bin_len != nt * self.dtype.itemsize:
+            raise self._fail(paths["bin"], f"{bin_len} bytes, expected {nt * self.dtype.itemsize} "
+                                           f"({nt} ids of {self.dtype}; truncated or corrupt)")
+
+        self._idx_file = open(paths["idx"], "rb")
+        self._idx_map = mmap.mmap(self._idx_file.fileno(), 0, access=mmap.ACCESS_READ)
+        self._pointers = np.frombuffer(self._idx_map, np.int64, nb, HEADER.size)
+        self.doc_index = np.frombuffer(self._idx_map, np.int64, nd + 1, HEADER.size + 8 * nb)
+        self.sizes = np.frombuffer(self._idx_map, np.int32, nb, HEADER.size + 8 * nb + 8 * (nd + 1))
+        if nt:
+            self._bin_file = open(paths["bin"], "rb")
+            self._bin_map = mmap.mmap(self._bin_file.fileno(), 0, access=mmap.ACCESS_READ)
+            self._tokens = np.frombuffer(self._bin_map, self.dtype)
+        else:
+            self._bin_file = self._bin_map = None
+            self._tokens = np.zeros(0, self.dtype)
+        self.num_documents = int(nd)
+        self.num_tokens = int(nt)
+        self._check_arrays()
+
+    def _check_arrays(self) -> None:
+        """Cheap vectorised consistency checks (a few ms per million blocks)."""
+        idx = dataset_paths(self.prefix)["idx"]
+        sizes = self.sizes.astype(np.int64)
+        if len(sizes) and sizes.min() < 1:
+            raise self._fail(idx, "a block has no ids")
+        if int(sizes.sum()) != self.num_tokens:
+            raise self._fail(idx, f"block sizes sum to {int(sizes.sum())}, header says {self.num_tokens} ids")
+        starts = np.zeros(len(sizes), np.int64)
+        np.cumsum(sizes[:-1], out=starts[1:])
+        if not np.array_equal(starts * self.dtype.itemsize, self._pointers):
+            raise self._fail(idx, "block pointers disagree with block sizes")
+        d = self.doc_index
+        if d[0] != 0 or d[-1] != len(sizes) or (np.diff(d) < 1).any():
+            raise self._fail(idx, "document index is not increasing from 0 to the number of blocks")
+        for key, value in (("num_documents", self.num_documents), ("num_blocks", len(sizes)),
+                           ("num_tokens", self.num_tokens)):
+            if self.meta.get(key) != value:
+                raise self._fail(dataset_paths(self.prefix)["json"],
+                                 f"{key} is {self.meta.get(key)}, the index says {value}")
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = operator.index(i)
+        n = len(self.sizes)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"block {i} out of range for {n} blocks")
+        start = int(self._pointers[i]) // self.dtype.itemsize
+        return self._tokens[start:start + int(self.sizes[i])]
+
+    def document(self, k: int) -> np.ndarray:
+        """All ids of document k (its blocks are contiguous, so this is a view too)."""
+        first, last = int(self.doc_index[k]), int(self.doc_index[k + 1])
+        start = int(self._pointers[first]) // self.dtype.itemsize
+        return self._tokens[start:start + int(self.sizes[first:last].sum())]
+
+    def __getstate__(self) -> dict:  # reopen in the receiving process instead of pickling mmaps
+        return {"prefix": self.prefix}
+
+    def __setstate__(self, state: dict) -> None:
+        self.prefix = state["prefix"]
+        self._open()
+
+    def __repr__(self) -> str:
+        return (f"IndexedDataset({self.prefix!r}: {len(self)} blocks, {self.num_documents} documents, "
+                f"{self.num_tokens} ids, {self.dtype})")
+
+
+class BlockSubset:
+    """Blocks ``[start, end)`` of a dataset, e.g. the last documents held out for evaluation."""
+
+    def __init__(self, dataset, start: int, end: int) -> None:
+        n = len(dataset)
+        start, end = operator.index(start), operator.index(end)
+        if not 0 <= start <= end <= n:
+            raise ValueError(f"block range [{start}, {end}) is not inside [0, {n})")
+        self.dataset, self.start, self.end = dataset, start, end
+        if hasattr(dataset, "sizes"):
+            self.sizes = dataset.sizes[start:end]
+        self.meta = getattr(dataset, "meta", {})
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        i = operator.index(i)
+        n = self.end - self.start
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"block {i} out of range for a subset of {n} blocks")
+        return self.dataset[self.start + i]
+
+
+class BlendedDataset:
+    """A weighted mixture of datasets with a fixed, seed-determined sample -> (dataset, block) map.
+
+    ``size`` samples (default: the sum of the lengths) are shared out in proportion to ``weights``
+    (largest remainder, so the counts are exact). Dataset k's share walks a seeded permutation of its
+    blocks, wrapping around when it is up-sampled. The shares are interleaved evenly (sample j of
+    dataset k sits at "time" (j + 0.5) / n_k), so any prefix of the mixture has the right proportions.
+    Everything depends only on (lengths, weights, seed, size). ``sizes`` (block lengths) is there when
+    every blended dataset has ``sizes``.
+    """
+
+    def __init__(self, datasets: list, weights: list[float], seed: int, size: int | None = None) -> None:
+        if not datasets or len(datasets) != len(weights):
+            raise UserError(f"blending needs one weight per dataset; got {len(datasets)} datasets and "
+                            f"{len(weights)} weights. Give the same number of each.")
+        w = np.asarray(weights, dtype=np.float64)
+        if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise UserError(f"blend weights {list(weights)} must be non-negative numbers, not all zero.")
+        lengths = [len(d) for d in datasets]
+        empty = [i for i, (n, wi) in enumerate(zip(lengths, w)) if n == 0 and wi > 0]
+        if empty:
+            raise UserError(f"blended dataset #{empty[0]} is empty but has weight {w[empty[0]]}; "
+                            f"remove it or give it weight 0.")
+        self.datasets = list(datasets)
+        self.weights = w / w.sum()
+        self.size = sum(lengths) if size is None else int(size)
+        if self.size < 1:
+            raise UserError(f"a blend needs at least one sample; size is {self.size}.")
+        exact = self.weights * self.size
+        counts = np.floor(exact).astype(np.int64)
+        remainder_order = np.argsort(-(exact - counts), kind="stable")
+        counts[remainder_order[: self.size - counts.sum()]] += 1
+        self.counts = counts
+
+        times, dataset_ids, sample_ids = [], [], []
+        for k, (n_k, length) in enumerate(zip(counts, lengths)):
+            if n_k == 0:
+                continue
+            perm = np.random.default_rng([seed, k]).permutation(length)
+            times.append((np.arange(n_k) + 0.5) / n_k)
+            dataset_ids.append(np.full(n_k, k, np.int32))
+            sample_ids.append(perm[np.arange(n_k) % length])
+        order = np.lexsort((np.concatenate(dataset_ids), np.concatenate(times)))
+        self.dataset_index = np.concatenate(dataset_ids)[order]
+        self.sample_index = np.concatenate(sample_ids)[order]
+        if all(hasattr(d, "sizes") for d in self.datasets):  # block lengths without reading any block
+            self.sizes = np.zeros(self.size, np.int64)
+            for k, d in enumerate(self.datasets):
+                mine = self.dataset_index == k
+                self.sizes[mine] = np.asarray(d.sizes)[self.sample_index[mine]]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int):
+        i = operator.index(i)
+        if i < 0:
+            i += self.size
+        if not 0 <= i < self.size:
+            raise IndexError(f"sample {i} out of range for a blend of {self.size}")
+        return self.datasets[self.dataset_index[i]][int(self.sample_index[i])]

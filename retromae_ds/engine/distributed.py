@@ -1,0 +1,105 @@
+"""Process-group start-up that works the same under `deepspeed`, `torchrun`, `srun` and plain `python`.
+
+Why: DeepSpeed's own discovery tries MPI when RANK/WORLD_SIZE are missing (it fails without mpi4py),
+and SLURM tasks only carry SLURM_* variables. We normalise everything to the torch.distributed
+environment variables first, then let DeepSpeed pick the backend (NCCL on GPUs, gloo on CPUs).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: "object"  # torch.device
+    device_type: str  # "cuda" | "cpu" | ...
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def normalise_env(local_rank_arg: int | None = None) -> None:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from SLURM or defaults for a single process."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
+    if "RANK" not in env:  # plain `python launch/pretrain.py`: a world of one
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = "0", "1", "0"
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    if "LOCAL_RANK" not in env and local_rank_arg is not None:
+        env["LOCAL_RANK"] = str(local_rank_arg)
+    env.setdefault("LOCAL_RANK", "0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+
+
+def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
+    normalise_env(local_rank_arg)
+    import deepspeed
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "0")) or 0)
+    if not local_world:
+        local_world = max(1, int(os.environ["WORLD_SIZE"]) // max(1, int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)))
+    accel = get_accelerator()
+    device_type = accel.device_name()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if device_type == "cpu":
+        # The deepspeed launcher does not set OMP_NUM_THREADS: N ranks x all cores thrash.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, min(local_world, int(os.environ["WORLD_SIZE"])))))
+        device = torch.device("cpu")
+    else:
+        accel.set_device(local_rank)
+        device = torch.device(accel.device_name(local_rank))
+    deepspeed.init_distributed(dist_init_required=True, verbose=False)
+    import torch.distributed as dist
+
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    local_world_size=local_world, device=device, device_type=device_type)
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(values: list[float], device) -> list[float]:
+    """Agree on flags/numbers across ranks (e.g. 'a rank got SIGTERM')."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()

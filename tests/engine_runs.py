@@ -1,0 +1,95 @@
+"""Helpers for tests that launch real training processes (python / torchrun / deepspeed launcher)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PRETRAIN = str(REPO / "launch" / "pretrain.py")
+
+TINY_BERT = dict(
+    architectures=["BertForMaskedLM"], model_type="bert", vocab_size=30522, hidden_size=64,
+    num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, max_position_embeddings=128,
+    hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, type_vocab_size=2,
+    initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", ""), "PYTHONUNBUFFERED": "1"})
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    env.update(extra or {})
+    return env
+
+
+def command(launcher: str, nproc: int, args: list[str]) -> list[str]:
+    if launcher == "python":
+        assert nproc == 1
+        return [sys.executable, PRETRAIN, *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                "--master-port", str(free_port()), PRETRAIN, *args]
+    if launcher == "deepspeed":
+        return ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), PRETRAIN, *args]
+    raise ValueError(launcher)
+
+
+def start(launcher: str, nproc: int, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    f = open(log, "w")
+    return subprocess.Popen(command(launcher, nproc, args), stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+                            env=run_env(env), start_new_session=True)
+
+
+def run(launcher: str, nproc: int, args: list[str], log: Path, timeout: float = 420,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = start(launcher, nproc, args, log, env)
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise AssertionError(f"run timed out after {timeout}s; log:\n{log.read_text()[-4000:]}")
+    return subprocess.CompletedProcess(proc.args, rc, log.read_text(), "")
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def metrics(out_dir: Path, kind: str = "train") -> list[dict]:
+    path = Path(out_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("kind", "train") == kind]
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(out_dir)}
+
+
+def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before the condition held")
+        time.sleep(poll)
+    raise AssertionError("timed out waiting")

@@ -1,0 +1,137 @@
+"""Run-config parsing and DeepSpeed "auto" resolution (no processes started)."""
+
+import argparse
+import json
+
+import pytest
+
+from retromae_ds import config as C
+from retromae_ds.errors import UserError
+
+
+def parse(*argv):
+    p = argparse.ArgumentParser()
+    C.add_arguments(p)
+    return C.config_from_args(p.parse_args(list(argv)))
+
+
+def ds_json(**overrides):
+    ds = json.loads(open("ds_configs/zero2.json").read())
+    ds.update(overrides)
+    return ds
+
+
+def test_defaults_and_explicit_tracking():
+    cfg = parse("--lr", "3e-4", "--micro-batch-size", "4")
+    assert cfg.lr == 3e-4 and cfg.micro_batch_size == 4
+    assert cfg.explicit == {"lr", "micro_batch_size"}
+    assert cfg.is_demo and cfg.objective == "retromae" and cfg.encoder_mask_ratio == 0.3
+
+
+def test_yaml_then_cli_wins(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("lr: 0.0002\nmicro-batch-size: 3\nobjective: dupmae\nactivation_checkpointing: true\n")
+    cfg = parse("--config", str(y), "--micro-batch-size", "5")
+    assert cfg.lr == 2e-4 and cfg.micro_batch_size == 5 and cfg.objective == "dupmae"
+    assert cfg.activation_checkpointing is True
+    assert {"lr", "micro_batch_size", "objective", "activation_checkpointing"} <= cfg.explicit
+
+
+def test_yaml_errors_name_the_file_and_key(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("learning_rate: 1\n")
+    with pytest.raises(UserError, match=r"run.yaml.*unknown setting `learning_rate`"):
+        parse("--config", str(y))
+    y.write_text("lr: fast\n")
+    with pytest.raises(UserError, match=r"`lr` must be a float"):
+        parse("--config", str(y))
+    with pytest.raises(UserError, match="no such file"):
+        parse("--config", str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--data", "x"], "--model"),
+    (["--model", "m", "--model-config", "c", "--data", "x"], "both given"),
+    (["--model-config", "c", "--data", "x"], "needs --tokenizer"),
+    (["--micro-batch-size", "0"], "micro-batch-size"),
+    (["--data", "a", "b", "--data-weights", "1", "--model", "m"], "one weight per prefix"),
+    (["--time-budget", "soon"], "time-budget"),
+])
+def test_invalid_combinations(argv, match):
+    with pytest.raises(UserError, match=match):
+        parse(*argv)
+
+
+def test_time_budget_parsing():
+    assert C.parse_time_budget("") is None
+    assert C.parse_time_budget("90") == 90
+    assert C.parse_time_budget("90m") == 5400
+    assert C.parse_time_budget("1d2h3m4s") == ((24 + 2) * 60 + 3) * 60 + 4
+
+
+def test_auto_fields_are_filled():
+    cfg = parse("--micro-batch-size", "4", "--grad-accum", "3", "--lr", "2e-4", "--clip", "0.5")
+    ds = C.resolve_deepspeed_config(ds_json(), cfg, world_size=2, precision="fp32", on_cpu=True)
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 3
+    assert ds["train_batch_size"] == 24
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["params"]["lr"] == 2e-4
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.999]
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    assert "auto" not in json.dumps(ds)
+
+
+def test_concrete_json_value_is_adopted_when_flag_not_given():
+    cfg = parse()
+    ds = C.resolve_deepspeed_config(ds_json(gradient_accumulation_steps=4), cfg, world_size=1, precision="fp32")
+    assert cfg.grad_accum == 4 and ds["train_batch_size"] == cfg.micro_batch_size * 4
+
+
+def test_conflicting_values_are_rejected():
+    cfg = parse("--grad-accum", "2")
+    with pytest.raises(UserError, match=r"gradient_accumulation_steps.*4.*--grad-accum 2"):
+        C.resolve_deepspeed_config(ds_json(gradient_accumulation_steps=4), cfg, world_size=1, precision="fp32")
+    cfg = parse("--micro-batch-size", "2")
+    with pytest.raises(UserError, match="train_batch_size"):
+        C.resolve_deepspeed_config(ds_json(train_batch_size=7), cfg, world_size=1, precision="fp32")
+    cfg = parse("--precision", "fp32")
+    with pytest.raises(UserError, match=r"bf16.enabled.*--precision fp32"):
+        C.resolve_deepspeed_config(ds_json(bf16={"enabled": True}), cfg, world_size=1, precision="fp32")
+    cfg = parse("--lr", "1e-3")
+    ds = ds_json()
+    ds["optimizer"]["params"]["lr"] = 5e-4
+    with pytest.raises(UserError, match=r"optimizer.params.lr.*--lr"):
+        C.resolve_deepspeed_config(ds, cfg, world_size=1, precision="fp32")
+
+
+def test_precision_auto():
+    cfg = parse()
+    assert C.resolve_precision(cfg, "cpu", False) == "fp32"
+    assert C.resolve_precision(cfg, "cuda", True) == "bf16"
+    assert C.resolve_precision(cfg, "cuda", False) == "fp16"
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        C.resolve_precision(parse("--precision", "fp16"), "cpu", False)
+
+
+def test_shipped_ds_configs_resolve():
+    for name in ("zero2", "zero3", "zero3_offload"):
+        cfg = parse()
+        ds = C.resolve_deepspeed_config(json.load(open(f"ds_configs/{name}.json")), cfg, world_size=8,
+                                        precision="bf16")
+        assert ds["bf16"]["enabled"] is True and ds["train_batch_size"] == 8 * cfg.micro_batch_size
+
+
+def test_schedule_is_a_function_of_step():
+    from retromae_ds.engine.schedule import lr_at, warmup_steps
+
+    assert warmup_steps(0.1, 200) == 20 and warmup_steps(30, 200) == 30
+    kw = dict(peak_lr=1.0, total_steps=100, warmup=10)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(55, **kw) == pytest.approx(0.5)
+    assert lr_at(100, **kw) == pytest.approx(0.0)
+    assert lr_at(55, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_at(32, schedule="cosine", **kw) > lr_at(32, **kw)
+    assert lr_at(100, min_ratio=0.1, **kw) == pytest.approx(0.1)
