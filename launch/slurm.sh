@@ -77,7 +77,11 @@ done
 first=0
 for i in "${!NODES[@]}"; do
     n=${counts[$i]:-0}
-    if [ "$n" -gt 1 ]; then log "node ${NODES[$i]}: ranks $first-$((first + n - 1))"; else log "node ${NODES[$i]}: rank $first"; fi
+    if [ "$n" -gt 1 ]; then
+        log "node ${NODES[$i]}: ranks $first-$((first + n - 1))"
+    else
+        log "node ${NODES[$i]}: rank $first"
+    fi
     first=$((first + n))
 done
 

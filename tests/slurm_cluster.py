@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -96,7 +97,7 @@ def _free_ports(n: int) -> list[int]:
 
 def parse_record(text: str) -> dict[str, str]:
     """`scontrol show job -o` output (KEY=VALUE separated by spaces) as a dict; values may not hold spaces,
-    which is true for every field we read (JobState, RestartCnt, ExitCode, NodeList, ...)."""
+    which is true for every field we read (JobState, Restarts, ExitCode, NodeList, ...)."""
     out = {}
     for item in text.split():
         key, sep, value = item.partition("=")
@@ -114,7 +115,8 @@ class LocalSlurm:
         self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
         self.cpus = cpus or int(os.environ.get("LOCAL_SLURM_CPUS", "0") or 0) or os.cpu_count() or 1
         self.kill_wait = kill_wait
-        self.requeue_delay = requeue_delay  # AuthInfo cred_expire: a requeued job waits this long (real default 120 s)
+        # AuthInfo's cred_expire: how long a requeued job waits before it may start (Slurm's default: 120 s)
+        self.requeue_delay = requeue_delay
         self.conf = self.dir / "etc" / "slurm.conf"
         self.munge_dir = self.dir / "munge"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -131,7 +133,8 @@ class LocalSlurm:
     def run(self, *cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess:
         res = subprocess.run(list(cmd), env=self.env(), capture_output=True, text=True, timeout=timeout)
         if check and res.returncode != 0:
-            raise RuntimeError(f"`{' '.join(cmd)}` failed ({res.returncode}): {res.stderr.strip() or res.stdout.strip()}")
+            out = res.stderr.strip() or res.stdout.strip()
+            raise RuntimeError(f"`{' '.join(cmd)}` failed ({res.returncode}): {out}")
         return res
 
     # -- start / stop --------------------------------------------------------------------------------
@@ -168,11 +171,10 @@ class LocalSlurm:
         if ctld is not None and ctld.poll() is None:
             try:
                 if self.run("squeue", "-h", "-o", "%A", check=False).stdout.split():
-                    self.run("scancel", "--full", "--user", "root", check=False)
                     self.run("scancel", "--user", "root", check=False)
                     self._wait(lambda: not self.run("squeue", "-h", "-o", "%A", check=False).stdout.split(),
                                self.kill_wait + 30, "jobs to end")
-            except (RuntimeError, subprocess.TimeoutExpired) as err:
+            except Exception as err:  # noqa: BLE001 - the daemons must be stopped whatever happened
                 print(f"[slurm_cluster] teardown: {err}", file=sys.stderr)
         order = [n for n in self.nodes if n in self.procs] + ["slurmctld", "munged"]
         for name in order:
@@ -215,12 +217,11 @@ class LocalSlurm:
             time.sleep(poll)
 
     def cancel(self, job_id: int) -> None:
-        self.run("scancel", "--full", str(job_id), check=False)
         self.run("scancel", str(job_id), check=False)
 
     def log_tail(self, chars: int = 3000) -> str:
         parts = []
-        for p in sorted((self.dir / "log").glob("*.log")):
+        for p in sorted((self.dir / "log").glob("*.*")):
             parts.append(f"== {p.name}\n{p.read_text(errors='replace')[-chars:]}")
         return "\n".join(parts)
 
@@ -269,7 +270,8 @@ class LocalSlurm:
         lines = [
             "ClusterName=local", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",
             "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.munge_dir / 'munge.sock'},cred_expire={self.requeue_delay}",
+            "AuthType=auth/munge", "CredType=cred/munge",
+            f"AuthInfo=socket={self.munge_dir / 'munge.sock'},cred_expire={self.requeue_delay}",
             f"StateSaveLocation={d / 'state'}", f"SlurmdSpoolDir={d / 'spool'}/%n",
             f"SlurmctldPidFile={d / 'state'}/slurmctld.pid", f"SlurmdPidFile={d / 'spool'}/%n/slurmd.pid",
             f"SlurmctldLogFile={d / 'log'}/slurmctld.log", f"SlurmdLogFile={d / 'log'}/slurmd-%n.log",
@@ -277,7 +279,11 @@ class LocalSlurm:
             "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "SlurmdParameters=config_overrides",
             "MpiDefault=none", "MailProg=/bin/true", "ReturnToService=2", "SlurmctldTimeout=30",
-            "SlurmdTimeout=30", "InactiveLimit=0", "SchedulerParameters=sched_interval=1,bf_interval=1", f"KillWait={self.kill_wait}", "Waittime=0", "MinJobAge=600",
+            # Random first job id: job-id-derived ports (launch/slurm.sh) differ between clusters that run at once.
+            f"FirstJobId={random.randrange(1, 19000)}",
+            "SlurmdTimeout=30", "InactiveLimit=0",
+            "SchedulerParameters=sched_interval=1,bf_interval=1",  # start a requeued job as soon as it may
+            f"KillWait={self.kill_wait}", "Waittime=0", "MinJobAge=600",
         ]
         for name, port in zip(self.nodes, node_ports):
             lines.append(f"NodeName={name} NodeHostname={name} NodeAddr=127.0.0.1 Port={port} "
@@ -306,7 +312,8 @@ class LocalSlurm:
         key.chmod(0o600)
         self._spawn("munged", ["munged", "--foreground", f"--socket={ms / 'munge.sock'}", f"--key-file={key}",
                                f"--log-file={ms / 'munged.log'}", f"--pid-file={ms / 'munged.pid'}",
-                               f"--seed-file={ms / 'munged.seed'}"], user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+                               f"--seed-file={ms / 'munged.seed'}"],
+                    user=user.pw_uid, group=user.pw_gid, extra_groups=[])
         self._wait(lambda: (ms / "munge.sock").exists(), 20, "munged socket")
 
 

@@ -70,11 +70,25 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
     else:
         accel.set_device(local_rank)
         device = torch.device(accel.device_name(local_rank))
+    quiet_libraries()
     deepspeed.init_distributed(dist_init_required=True, verbose=False)
     import torch.distributed as dist
 
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     local_world_size=local_world, device=device, device_type=device_type)
+
+
+def quiet_libraries() -> None:
+    """DeepSpeed logs every config key at INFO on every rank; users need our lines, not those."""
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+
+    if os.environ.get("RETROMAE_DS_VERBOSE", "") in ("", "0"):
+        ds_logger.setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
 
 
 def barrier() -> None:

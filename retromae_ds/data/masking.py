@@ -1,0 +1,271 @@
+"""RetroMAE masks generated on the batch's device: whole-word masking for every tokenizer family.
+
+A training batch arrives as packed blocks of token ids *without* special tokens (what `prepare`
+stores). `MaskGenerator` turns it into the six tensors `RetroMAEForPretraining.forward` takes:
+
+    encoder_input_ids       [B, L]     [CLS] t1..tn [SEP] [PAD].., ~30% of whole words corrupted 80/10/10
+    encoder_attention_mask  [B, L]     1 on [CLS]..[SEP]
+    encoder_labels          [B, L]     original id where a word was chosen, -100 elsewhere
+    decoder_input_ids       [B, L]     the unmasked ids
+    decoder_attention_mask  [B, L, L]  bool, True = row i may attend to column j
+    decoder_labels          [B, L]     original id at t1..tn, -100 on [CLS], [SEP] and padding
+
+with L = Lmax + 2. Semantics follow the published reference (see shared/notes/retromae-semantics.md):
+a whole-word draw with ratio p covers at most `max(1, round((n + 2) * p))` tokens (n + 2 counts the
+[CLS]/[SEP] like the reference, which measures the encoded sequence); words are visited in random
+order and a word is taken only if it still fits. The decoder gets one independent draw per attention
+row (ratio `decoder_mask_ratio`); row i additionally hides itself; [CLS] (column 0) is never drawn, so
+every other row sees it; padding is never visible.
+
+Vectorised draw: every row gives each of its words a random key; sorting the keys yields the random
+visiting order, a cumulative sum of the word lengths in that order finds the words that fit before
+the first one that does not, and a few rounds of "first later word that still fits the remaining
+budget" finish the greedy walk exactly (each round adds one word per row, and the remaining budget is
+below the length of the word that stopped the prefix, so there are few rounds). Rows are independent,
+so the encoder (B rows) and the decoder (B * L rows) use the same code; nothing loops over tokens.
+
+Randomness comes only from the `torch.Generator` passed in; `mask_rng(seed, step, rank, device)`
+builds it from the run seed, the global step and the rank (or micro-batch number), so masks are
+identical after a resume and independent of the number of data-loader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from retromae_ds.errors import UserError
+
+IGNORE_INDEX = -100
+
+WORDPIECE = "wordpiece"
+SENTENCEPIECE = "sentencepiece"
+BYTE_LEVEL_BPE = "byte-level-bpe"
+WORD_LEVEL = "word-level"
+
+
+def collate_blocks(blocks: Sequence[np.ndarray], pad_id: int, pad_to_multiple_of: int | None = 8,
+                   max_tokens: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack blocks of ids (no specials) into a padded [B, Lmax] int64 tensor plus their lengths [B].
+
+    Lmax is the longest block, rounded up so that Lmax + 2 (the model's length once [CLS] and [SEP]
+    are added) is a multiple of `pad_to_multiple_of`; `max_tokens` caps that rounding (give the
+    model's max_seq_len - 2 so padding never exceeds its position table).
+    """
+    if len(blocks) == 0:
+        raise ValueError("collate_blocks needs at least one block")
+    lengths = [len(block) for block in blocks]
+    width = max(lengths)
+    if pad_to_multiple_of and pad_to_multiple_of > 1:
+        padded = -(-(width + 2) // pad_to_multiple_of) * pad_to_multiple_of - 2
+        width = padded if max_tokens is None else max(width, min(padded, max_tokens))
+    tokens = np.full((len(blocks), width), pad_id, dtype=np.int64)
+    for row, block in enumerate(blocks):
+        tokens[row, : len(block)] = block
+    return torch.from_numpy(tokens), torch.tensor(lengths, dtype=torch.long)
+
+
+def tokenizer_family(tokenizer) -> str:
+    """Which subword convention marks word boundaries: the most frequent piece prefix decides."""
+    pieces = _pieces(tokenizer)
+    special = set(tokenizer.all_special_ids)
+    counts = {WORDPIECE: 0, SENTENCEPIECE: 0, BYTE_LEVEL_BPE: 0}
+    for i, piece in enumerate(pieces):
+        if i in special or not piece:
+            continue
+        if piece.startswith("##") and len(piece) > 2:
+            counts[WORDPIECE] += 1
+        elif piece.startswith("\u2581"):
+            counts[SENTENCEPIECE] += 1
+        elif piece.startswith("\u0120"):
+            counts[BYTE_LEVEL_BPE] += 1
+    family, count = max(counts.items(), key=lambda kv: kv[1])
+    return family if count > 0 else WORD_LEVEL
+
+
+def continuation_table(tokenizer) -> torch.Tensor:
+    """BoolTensor [len(tokenizer)]: True where the id continues the word begun by the previous id.
+
+    Rules per family (detected from the vocabulary by `tokenizer_family`):
+    - WordPiece (BERT): a piece starting with ``##`` continues; everything else starts a word.
+    - SentencePiece (XLM-R, T5, ...): a piece starting with ``▁`` (U+2581, "a space was here")
+      starts a word; a piece WITHOUT it continues (so ``▁hello`` ``,`` is one word).
+    - Byte-level BPE (RoBERTa, GPT-2): a piece starting with ``Ġ`` (the byte-level space) starts a
+      word; a piece WITHOUT it continues (the first word of a text has no ``Ġ``; the generator
+      always treats a block's first token as a word start).
+    - Word-level vocabularies (none of the above): every id starts a word.
+    Special and added tokens always count as word starts (they are never masked anyway).
+    """
+    family = tokenizer_family(tokenizer)
+    pieces = _pieces(tokenizer)
+    table = torch.zeros(len(pieces), dtype=torch.bool)
+    if family == WORD_LEVEL:
+        return table
+    for i, piece in enumerate(pieces):
+        if not piece:
+            continue
+        if family == WORDPIECE:
+            table[i] = piece.startswith("##")
+        elif family == SENTENCEPIECE:
+            table[i] = not piece.startswith("\u2581")
+        else:
+            table[i] = not piece.startswith("\u0120")
+    never = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for i in never:
+        if 0 <= i < len(table):
+            table[i] = False
+    return table
+
+
+def _pieces(tokenizer) -> list[str]:
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [piece if isinstance(piece, str) else "" for piece in pieces]
+
+
+def mask_rng(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """Generator for one micro-batch: its seed is a hash of (run seed, global step, rank).
+
+    A hash (not seed + step) keeps streams of neighbouring steps/ranks unrelated, and the value
+    depends on nothing else, so a resumed run regenerates exactly the masks it would have drawn.
+    """
+    digest = hashlib.blake2b(f"retromae-ds/mask/{int(seed)}/{int(step)}/{int(rank)}".encode(),
+                             digest_size=8).digest()
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return generator
+
+
+class MaskGenerator:
+    """Builds the six RetroMAE input tensors from packed blocks with torch ops on their device."""
+
+    def __init__(self, continuation: torch.Tensor, cls_id: int, sep_id: int, pad_id: int, mask_id: int,
+                 vocab_size: int, special_ids: Sequence[int], encoder_mask_ratio: float = 0.3,
+                 decoder_mask_ratio: float = 0.5) -> None:
+        named = {"cls_token": cls_id, "sep_token": sep_id, "pad_token": pad_id, "mask_token": mask_id}
+        missing = [name for name, value in named.items() if value is None]
+        if missing:
+            raise UserError(f"the tokenizer has no {', '.join(missing)}; RetroMAE needs [CLS], [SEP], [PAD] "
+                            f"and [MASK] equivalents. Use a BERT/RoBERTa/XLM-R style tokenizer or add them "
+                            f"(tokenizer.add_special_tokens) before `prepare`.")
+        for name, ratio in (("encoder_mask_ratio", encoder_mask_ratio), ("decoder_mask_ratio", decoder_mask_ratio)):
+            if not 0.0 <= ratio <= 1.0:
+                raise UserError(f"{name} = {ratio}: must lie in [0, 1] (the fraction of tokens to mask).")
+        self.continuation = continuation.to(torch.bool)
+        self.cls_id, self.sep_id, self.pad_id, self.mask_id = int(cls_id), int(sep_id), int(pad_id), int(mask_id)
+        self.encoder_mask_ratio = float(encoder_mask_ratio)
+        self.decoder_mask_ratio = float(decoder_mask_ratio)
+        allowed = torch.ones(int(vocab_size), dtype=torch.bool)
+        allowed[[i for i in special_ids if 0 <= i < vocab_size]] = False
+        self.replacement_ids = allowed.nonzero().squeeze(1)
+
+    def to(self, device) -> "MaskGenerator":
+        self.continuation = self.continuation.to(device)
+        self.replacement_ids = self.replacement_ids.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator) -> dict:
+        device = tokens.device
+        batch, width = tokens.shape
+        seq_len = width + 2
+        lengths = lengths.to(device=device, dtype=torch.long)
+        pos = torch.arange(seq_len, device=device)
+        real = (pos >= 1) & (pos <= lengths[:, None])                         # t1..tn
+        visible_cols = pos < (lengths[:, None] + 2)                             # [CLS] t1..tn [SEP]
+
+        shifted = torch.full((batch, seq_len), self.pad_id, dtype=torch.long, device=device)
+        shifted[:, 1:-1] = tokens
+        ids = torch.where(real, shifted, self.pad_id)
+        ids[:, 0] = self.cls_id
+        ids.scatter_(1, (lengths + 1)[:, None], self.sep_id)
+
+        # word structure: a word starts at every real token that does not continue the previous one
+        continues = self.continuation[ids.clamp(0, len(self.continuation) - 1)] & real & (pos >= 2)
+        starts = real & ~continues
+        word_of = (starts.cumsum(1) - 1).clamp(min=0)                           # word index per position
+        n_words = int(starts.sum(1).max()) if batch else 0
+        word_len = torch.zeros(batch, max(n_words, 1), dtype=torch.int32, device=device)
+        word_len.scatter_add_(1, word_of, real.to(torch.int32))
+
+        n_total = (lengths + 2).to(torch.float64)
+        enc_budget = torch.round(n_total * self.encoder_mask_ratio).long().clamp(min=1)
+        dec_budget = torch.round(n_total * self.decoder_mask_ratio).long().clamp(min=1)
+
+        # encoder: one draw per sample, 80% [MASK] / 10% random id / 10% unchanged
+        enc_words = draw_whole_words(word_len, enc_budget, generator)
+        chosen = enc_words.gather(1, word_of) & real
+        roll = torch.rand(batch, seq_len, generator=generator, device=device)
+        pick = torch.randint(len(self.replacement_ids), (batch, seq_len), generator=generator, device=device)
+        corrupted = torch.where(roll < 0.8, self.mask_id, torch.where(roll < 0.9, self.replacement_ids[pick], ids))
+        encoder_input_ids = torch.where(chosen, corrupted, ids)
+        encoder_labels = torch.where(chosen, ids, IGNORE_INDEX)
+
+        # decoder: one draw per attention row (B * L rows share their sample's words)
+        rows_len = word_len[:, None, :].expand(batch, seq_len, word_len.shape[1]).reshape(batch * seq_len, -1)
+        dec_words = draw_whole_words(rows_len, dec_budget.repeat_interleave(seq_len), generator)
+        dec_words = dec_words.view(batch, seq_len, -1)
+        hidden = dec_words.gather(2, word_of[:, None, :].expand(batch, seq_len, seq_len)) & real[:, None, :]
+        visible = visible_cols[:, None, :] & visible_cols[:, :, None] & ~hidden
+        visible &= ~torch.eye(seq_len, dtype=torch.bool, device=device)
+
+        return {
+            "encoder_input_ids": encoder_input_ids,
+            "encoder_attention_mask": visible_cols.long(),
+            "encoder_labels": encoder_labels,
+            "decoder_input_ids": ids,
+            "decoder_attention_mask": visible,
+            "decoder_labels": torch.where(real, ids, IGNORE_INDEX),
+        }
+
+
+def draw_whole_words(word_len: torch.Tensor, budget: torch.Tensor, generator: torch.Generator,
+                     window: int = 8, unsynced_rounds: int = 2) -> torch.Tensor:
+    """Independent greedy whole-word draws, one per row: BoolTensor [R, W] of chosen words.
+
+    `word_len` [R, W] holds each word's token count (0 = no such word); `budget` [R] the most
+    tokens to cover. Words are visited in a uniformly random order and taken while they fit.
+    """
+    rows, n_words = word_len.shape
+    device = word_len.device
+    exists = word_len > 0
+    top = torch.iinfo(torch.int32).max
+    keys = torch.randint(0, top, (rows, n_words), generator=generator, device=device, dtype=torch.int32)
+    order = keys.masked_fill_(~exists, top).argsort(dim=1)                     # random order, absent words last
+    sorted_len = word_len.to(torch.int32).masked_fill(~exists, top // max(n_words, 1)).gather(1, order)
+    budget = budget.to(torch.int32)
+    covered = sorted_len.cumsum(1, dtype=torch.int32)
+    taken = covered <= budget[:, None]                                          # the prefix that fits
+    cursor = torch.searchsorted(covered, budget[:, None], right=True).squeeze(1)  # the first word that did not
+    used = covered.gather(1, (cursor - 1).clamp(min=0)[:, None]).squeeze(1) * (cursor > 0)
+    remaining = budget - used
+    # Greedy continuation: rows with budget left look for the next word that still fits, `window`
+    # slots at a time; a row leaves once no later word is short enough (suffix minimum). The first
+    # rounds run over all rows without a host sync (most rows finish there), then the rest compacted.
+    later_min = sorted_len.flip(1).cummin(1).values.flip(1)
+    later_min = torch.cat([later_min[:, 1:], later_min.new_full((rows, 1), top)], dim=1)
+    offsets = torch.arange(1, window + 1, device=device)
+
+    def greedy_round(idx: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+        slots = cursor[idx, None] + offsets                                     # [rows, window]
+        lens = sorted_len[idx[:, None], slots.clamp(max=n_words - 1)]
+        fits = alive[:, None] & (slots < n_words) & (lens <= remaining[idx, None])
+        found = fits.any(1)
+        first = fits.to(torch.uint8).argmax(1)
+        pick = slots.gather(1, first[:, None]).squeeze(1).clamp(max=n_words - 1)
+        taken[idx, pick] = taken[idx, pick] | found
+        remaining[idx] -= torch.where(found, lens.gather(1, first[:, None]).squeeze(1), 0)
+        cursor[idx] = torch.where(alive, torch.where(found, pick, slots[:, -1]), cursor[idx])  # a miss skips
+        at = cursor[idx].clamp(max=n_words - 1)
+        return alive & (remaining[idx] > 0) & (cursor[idx] < n_words) & (later_min[idx, at] <= remaining[idx])
+
+    every = torch.arange(rows, device=device)
+    alive = (remaining > 0) & (cursor < n_words) & (later_min[every, cursor.clamp(max=n_words - 1)] <= remaining)
+    for _ in range(unsynced_rounds):
+        alive = greedy_round(every, alive)
+    active = alive.nonzero().squeeze(1)
+    while active.numel():
+        active = active[greedy_round(active, torch.ones_like(active, dtype=torch.bool))]
+    return torch.zeros_like(taken).scatter_(1, order, taken)

@@ -1,0 +1,134 @@
+"""RetroMAE's enhanced decoder: one BERT-shaped layer whose queries and keys/values differ.
+
+The query stream carries only the sentence embedding (plus each position's embedding); the
+key/value stream carries the unmasked token embeddings. Each query row sees the keys its row of
+the [B, L, L] matrix mask allows. Parameter names copy a BERT layer (`attention.self.query`, ...,
+`output.LayerNorm`) so the published reference's `c_head.*` weights load unchanged.
+
+Attention runs through `torch.nn.functional.scaled_dot_product_attention` with a boolean mask.
+A row with no visible key (padding rows) would come out NaN there, and NaN * 0 is still NaN in
+the loss and gradients, so such rows get column 0 as their one visible key: their outputs are
+never scored, so any finite value is harmless.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retromae_ds.errors import UserError
+
+CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps",
+                 "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
+
+
+class CrossStreamSelfAttention(nn.Module):
+    """Multi-head attention of the query stream over the key/value stream (BERT `attention.self`)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout = dropout
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        q, k, v = self._split(self.query(query)), self._split(self.key(key_value)), self._split(self.value(key_value))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None],
+                                             dropout_p=self.dropout if self.training else 0.0)
+        batch, _, length, _ = out.shape
+        return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+
+class ResidualNorm(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual): BERT's `attention.output` and `output`."""
+
+    def __init__(self, in_size: int, hidden_size: int, eps: float, dropout: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_size, hidden_size)
+        self.LayerNorm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class DecoderAttention(nn.Module):
+    """BERT `attention`: `self` (the attention proper) + `output` (projection, residual on the query)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, eps: float, hidden_dropout: float,
+                 attention_dropout: float) -> None:
+        super().__init__()
+        self.self = CrossStreamSelfAttention(hidden_size, num_heads, attention_dropout)
+        self.output = ResidualNorm(hidden_size, hidden_size, eps, hidden_dropout)
+
+    def forward(self, query, key_value, visible):
+        return self.output(self.self(query, key_value, visible), query)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str) -> None:
+        super().__init__()
+        from transformers.activations import ACT2FN
+
+        self.dense = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[act] if isinstance(act, str) else act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))
+
+
+class EnhancedDecoderLayer(nn.Module):
+    """attention(query, key/value, mask) + residual on the query + LayerNorm, then the FFN."""
+
+    def __init__(self, hidden_size: int, num_attention_heads: int, intermediate_size: int, hidden_act="gelu",
+                 layer_norm_eps: float = 1e-12, hidden_dropout_prob: float = 0.1,
+                 attention_probs_dropout_prob: float = 0.1, initializer_range: float = 0.02) -> None:
+        super().__init__()
+        if hidden_size % num_attention_heads:
+            raise UserError(f"model config: hidden_size {hidden_size} is not a multiple of num_attention_heads "
+                            f"{num_attention_heads}; the decoder layer copies the encoder's head layout.")
+        self.attention = DecoderAttention(hidden_size, num_attention_heads, layer_norm_eps, hidden_dropout_prob,
+                                          attention_probs_dropout_prob)
+        self.intermediate = Intermediate(hidden_size, intermediate_size, hidden_act)
+        self.output = ResidualNorm(intermediate_size, hidden_size, layer_norm_eps, hidden_dropout_prob)
+        self.reset_parameters(initializer_range)
+
+    @classmethod
+    def from_config(cls, config) -> "EnhancedDecoderLayer":
+        """Build from a Hugging Face encoder config (the decoder mirrors one encoder layer)."""
+        missing = [name for name in CONFIG_FIELDS if getattr(config, name, None) is None]
+        if missing:
+            raise UserError(f"model config ({type(config).__name__}) lacks {', '.join(missing)}, which the RetroMAE "
+                            f"decoder layer needs; use a BERT/RoBERTa/XLM-R style masked-LM model.")
+        return cls(**{name: getattr(config, name) for name in CONFIG_FIELDS})
+
+    def reset_parameters(self, std: float) -> None:
+        """BERT's initialisation: normal(0, std) weights, zero biases, LayerNorm 1/0."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, query: torch.Tensor, key_value: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """query, key_value: [B, L, H]; visible: [B, L, L] (nonzero/True = row may attend to column)."""
+        visible = with_fallback_key(visible.to(torch.bool))
+        attended = self.attention(query, key_value, visible)
+        return self.output(self.intermediate(attended), attended)
+
+
+def with_fallback_key(visible: torch.Tensor) -> torch.Tensor:
+    """Make column 0 visible to rows that see nothing (avoids SDPA's NaN on fully masked rows)."""
+    empty = ~visible.any(-1, keepdim=True)
+    first = torch.arange(visible.shape[-1], device=visible.device) == 0
+    return visible | (empty & first)

@@ -1,0 +1,200 @@
+"""The MLM head and embedding module of any Hugging Face masked-LM model, and the losses on top.
+
+Finding them generically: a `*ForMaskedLM` model holds its encoder as `model.base_model` and the
+MLM head as the one other child module with parameters (BERT: `cls`, RoBERTa/XLM-R: `lm_head`).
+The head is always *called* (never its `.weight` read), so the same code works when DeepSpeed
+ZeRO-3 partitions the parameters and gathers them around each module call.
+
+Fast heads. Vocabulary logits cost B x L x V memory and matmul time, but a loss needs them only
+where a label exists: the encoder's masked positions (~30%) and the decoder's labelled rows. The
+fast path selects those hidden rows first, then projects; its cross-entropy keeps only the
+logits (bf16 under mixed precision) for backward and builds the gradient in one fp32 buffer (the
+stock `F.cross_entropy` on upcast logits keeps an fp32 log-softmax and builds two V-wide fp32
+buffers in backward). With
+`chunk_size`, rows are projected `chunk_size` at a time inside activation checkpoints, so at most
+one chunk of logits exists at once (the head's forward is recomputed in backward): the option
+for 250k-token vocabularies such as XLM-R. All paths give the naive loss (tests check 1e-5).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from retromae_ds.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+def find_mlm_head_name(lm: nn.Module) -> str:
+    """Name of the MLM head child of a `*ForMaskedLM` model; UserError when there is not exactly one."""
+    base = getattr(lm, "base_model", None)
+    if base is None or base is lm:
+        raise UserError(f"{type(lm).__name__} is not a Hugging Face *ForMaskedLM model (no separate base_model); "
+                        f"load the encoder with AutoModelForMaskedLM (BERT, RoBERTa, XLM-R, ...).")
+    heads = [name for name, child in lm.named_children()
+             if child is not base and any(True for _ in child.parameters())]
+    if len(heads) != 1:
+        raise UserError(f"{type(lm).__name__}: expected one masked-LM head module next to the encoder, found "
+                        f"{heads or 'none'}. RetroMAE reuses that head for the decoder; supported are models "
+                        f"shaped like BERT (`cls`) or RoBERTa/XLM-R (`lm_head`).")
+    return heads[0]
+
+
+def find_embeddings(lm: nn.Module) -> nn.Module:
+    """The encoder's embedding module; it must accept `input_ids=` and `inputs_embeds=`."""
+    embeddings = getattr(lm.base_model, "embeddings", None)
+    params = inspect.signature(embeddings.forward).parameters if isinstance(embeddings, nn.Module) else {}
+    if "input_ids" not in params or "inputs_embeds" not in params:
+        raise UserError(f"{type(lm).__name__}: its base model has no `embeddings` module taking input_ids and "
+                        f"inputs_embeds, which the RetroMAE decoder calls for its key/value and query streams. "
+                        f"Use a BERT/RoBERTa/XLM-R style model.")
+    return embeddings
+
+
+ROW_BLOCK_ELEMENTS = 1 << 26  # elementwise passes over the logits go ~64M values (256 MB fp32) at a time
+
+
+class _SummedCrossEntropy(torch.autograd.Function):
+    """sum_i -log_softmax(z_i)[y_i] in fp32. Keeps only the logits (bf16 under mixed precision) for
+    backward and writes softmax(z) - onehot(y) straight into a gradient of the logits' dtype; the
+    fp32 passes run over blocks of rows, so no full-size fp32 copy of the logits ever exists."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        wide, step = _wide(logits.dtype), _row_block(logits)
+        loss = logits.new_zeros((), dtype=wide)
+        for start in range(0, logits.shape[0], step):
+            log_probs = torch.log_softmax(logits[start:start + step], dim=-1, dtype=wide)
+            loss = loss - log_probs.gather(1, target[start:start + step, None]).sum()
+        ctx.save_for_backward(logits, target)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, target = ctx.saved_tensors
+        wide, step = _wide(logits.dtype), _row_block(logits)
+        out = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], step):
+            probs = torch.softmax(logits[start:start + step], dim=-1, dtype=wide)
+            probs.scatter_add_(1, target[start:start + step, None], probs.new_full((probs.shape[0], 1), -1.0))
+            out[start:start + step] = probs.mul_(grad)
+        return out, None
+
+
+def _row_block(logits: torch.Tensor) -> int:
+    return max(1, ROW_BLOCK_ELEMENTS // max(1, logits.shape[-1]))
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def summed_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over rows (every row labelled); `F.cross_entropy(..., reduction='sum')`."""
+    return _SummedCrossEntropy.apply(logits, target)
+
+
+def _logits_loss(logits: torch.Tensor, target: torch.Tensor, count_correct: bool = True):
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == target).sum() if count_correct else target.new_zeros(())
+    return summed_cross_entropy(logits, target), correct
+
+
+def _rows_loss(head: nn.Module, rows: torch.Tensor, target: torch.Tensor, count_correct: bool = True):
+    return _logits_loss(head(rows), target, count_correct)
+
+
+def labelled_rows_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
+                       count_correct: bool = True):
+    """Fast head: (loss summed over labelled positions, number of them predicted right; 0 unless
+    `count_correct`).
+
+    Projects only the hidden rows whose label is not -100; with `chunk_size`, at most that many rows
+    at a time under activation checkpointing.
+    """
+    keep = labels.reshape(-1) != IGNORE_INDEX
+    rows = hidden.reshape(-1, hidden.shape[-1])[keep]
+    target = labels.reshape(-1)[keep]
+    count = target.numel()
+    if not chunk_size or count <= chunk_size or not torch.is_grad_enabled():
+        return _rows_loss(head, rows, target, count_correct)
+    loss, correct = rows.new_zeros((), dtype=torch.float32), target.new_zeros(())
+    for start in range(0, count, chunk_size):
+        part_loss, part_correct = checkpoint(_rows_loss, head, rows[start:start + chunk_size],
+                                             target[start:start + chunk_size], count_correct, use_reentrant=False)
+        loss, correct = loss + part_loss, correct + part_correct
+    return loss, correct
+
+
+def dense_logits_loss(logits: torch.Tensor, labels: torch.Tensor):
+    """Naive head loss on full [B, L, V] logits (the reference's way); same return as the fast one."""
+    flat, target = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+    loss = F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    keep = target != IGNORE_INDEX
+    with torch.no_grad():
+        correct = (flat.argmax(-1)[keep] == target[keep]).sum()
+    return loss, correct
+
+
+def max_pool_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """DupMAE's bag-of-words vector: max over kept positions of [B, L, V] logits -> [B, V] (fp32).
+
+    `torch.max(dim)` keeps only the argmax indices for backward, so the logits can be freed.
+    """
+    masked = logits.float().masked_fill(~keep[..., None], torch.finfo(torch.float32).min)
+    return masked.max(dim=1).values
+
+
+def _pool_chunk(head, hidden, labels, keep):
+    logits = head(hidden)
+    sel = labels != IGNORE_INDEX
+    loss, correct = _logits_loss(logits[sel], labels[sel])
+    return max_pool_logits(logits, keep), loss, correct
+
+
+def pooled_and_labelled_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
+                             chunk_size: int | None = None):
+    """For DupMAE (which needs logits at every position anyway): one head pass gives both the
+    max-pooled bag-of-words vector over `keep` positions and the MLM loss on labelled positions.
+
+    Returns (pooled [B, V] fp32, loss sum, number right). With `chunk_size`,
+    positions are processed in slices of about chunk_size rows under activation checkpointing.
+    """
+    batch, length = labels.shape
+    step = length if not chunk_size else max(1, chunk_size // max(batch, 1))
+    pooled, loss, correct = None, None, None
+    for start in range(0, length, step):
+        args = (head, hidden[:, start:start + step], labels[:, start:start + step], keep[:, start:start + step])
+        if step < length and torch.is_grad_enabled():
+            part = checkpoint(_pool_chunk, *args, use_reentrant=False)
+        else:
+            part = _pool_chunk(*args)
+        # ties (e.g. a zero embedding row gives equal logits everywhere) keep the earlier chunk, like
+        # one max over all positions, so the gradient goes to the same position either way
+        pooled = part[0] if pooled is None else torch.where(part[0] > pooled, part[0], pooled)
+        loss = part[1] if loss is None else loss + part[1]
+        correct = part[2] if correct is None else correct + part[2]
+    return pooled, loss, correct
+
+
+def bag_of_words_targets(labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """DupMAE targets [B, V]: each distinct labelled id of a sample weighs 1 / (its labelled count).
+
+    As in the reference, weights of repeated ids are not summed, so a row sums to
+    (#distinct / #tokens) <= 1.
+    """
+    keep = labels != IGNORE_INDEX
+    count = keep.sum(1, keepdim=True).clamp(min=1)
+    weight = keep.float() / count
+    targets = torch.zeros(labels.shape[0], vocab_size, dtype=torch.float32, device=labels.device)
+    return targets.scatter_reduce_(1, labels.clamp(min=0), weight, reduce="amax")
+
+
+def bag_of_words_loss(pooled: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean over samples of -sum_v target_v * log_softmax(pooled)_v."""
+    return -(targets * torch.log_softmax(pooled.float(), dim=-1)).sum(-1).mean()

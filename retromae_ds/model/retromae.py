@@ -1,0 +1,310 @@
+"""RetroMAE pre-training model: a Hugging Face masked-LM encoder plus one enhanced decoder layer.
+
+forward() follows the published reference's input contract (six tensors, `decoder_attention_mask`
+being the [B, L, L] matrix mask with 1 = visible; see retromae_ds.data.masking):
+
+    hidden  = encoder(encoder_input_ids)                       encoder loss: its MLM head on masked ids
+    kv      = [hidden[:, 0] ; E(decoder_input_ids)[1:]]        E = the encoder's own embedding module
+    query   = E(inputs_embeds = hidden[:, 0] at every position)
+    decoded = c_head(query, kv, decoder_attention_mask)        decoder loss: the same MLM head
+    loss    = encoder_loss + decoder_loss (+ bow_loss_weight * bag-of-words loss for DupMAE)
+
+Objectives: "retromae"; "dupmae" (adds the bag-of-words loss on max-pooled encoder logits);
+"mlm" (encoder MLM only, the ablation baseline fed the same batches; the decoder is not run and
+its parameters are frozen, so optimizers and DeepSpeed never wait for their gradients).
+
+State-dict keys match the reference checkpoints: `lm.*` (the HF model) and `c_head.*` (a BERT
+layer). Its `pytorch_model.bin` loads strictly: the reference also saved the shared embedding
+module a second time as `decoder_embeddings.*` and older transformers saved `position_ids`
+buffers; `load_state_dict` drops those duplicates before the strict check.
+
+Folder layout written by `save_pretrained(dir)`:
+    model.safetensors       full state (lm.* + c_head.*); tied tensors stored once, aliases in metadata
+    encoder_model/          lm.save_pretrained (what evaluation and export use)
+    retromae_config.json    RetroMAEConfig
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.utils import ModelOutput
+
+from retromae_ds.errors import UserError
+from retromae_ds.model import heads
+from retromae_ds.model.decoder import EnhancedDecoderLayer
+
+OBJECTIVES = ("retromae", "dupmae", "mlm")
+STATE_FILE = "model.safetensors"
+REFERENCE_STATE_FILE = "pytorch_model.bin"
+ENCODER_DIR = "encoder_model"
+CONFIG_FILE = "retromae_config.json"
+ALIASES_KEY = "retromae_ds_aliases"
+
+
+@dataclass
+class RetroMAEConfig:
+    objective: str = "retromae"
+    bow_loss_weight: float = 1.0
+    fast_heads: bool = True  # vocabulary logits only where a label exists (same loss as the naive way)
+    ce_chunk_size: int | None = None  # rows per projection + cross-entropy chunk (None = all at once)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UserError(f"objective {self.objective!r}: choose one of {', '.join(OBJECTIVES)}.")
+        if self.bow_loss_weight < 0:
+            raise UserError(f"bow_loss_weight {self.bow_loss_weight}: must be >= 0.")
+        if self.ce_chunk_size is not None and self.ce_chunk_size < 0:
+            raise UserError(f"ce_chunk_size {self.ce_chunk_size}: give a positive number of rows, or 0/None.")
+        self.ce_chunk_size = self.ce_chunk_size or None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RetroMAEConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class RetroMAEOutput(ModelOutput):
+    """out.loss (also out[0]) plus the separate parts for logging; all but loss are detached-safe."""
+
+    loss: torch.Tensor | None = None
+    encoder_loss: torch.Tensor | None = None
+    decoder_loss: torch.Tensor | None = None
+    bow_loss: torch.Tensor | None = None
+    encoder_accuracy: torch.Tensor | None = None
+    encoder_tokens: torch.Tensor | None = None
+    decoder_tokens: torch.Tensor | None = None
+
+
+class RetroMAEForPretraining(nn.Module):
+    def __init__(self, encoder: nn.Module, config: RetroMAEConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or RetroMAEConfig()
+        self.lm = encoder
+        self._head_name = heads.find_mlm_head_name(encoder)
+        heads.find_embeddings(encoder)
+        dtype = next(encoder.parameters()).dtype
+        self.c_head = EnhancedDecoderLayer.from_config(encoder.config).to(dtype=dtype)
+        if self.config.objective == "mlm":
+            self.c_head.requires_grad_(False)
+        self._checkpoint_decoder = False
+
+    # --- parts ------------------------------------------------------------------------------------
+    @property
+    def encoder(self) -> nn.Module:
+        """The HF base model (BertModel, XLMRobertaModel, ...): what evaluation embeds with."""
+        return self.lm.base_model
+
+    @property
+    def mlm_head(self) -> nn.Module:
+        return getattr(self.lm, self._head_name)
+
+    @property
+    def embeddings(self) -> nn.Module:
+        return self.lm.base_model.embeddings
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(self, encoder_input_ids, encoder_attention_mask, encoder_labels, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_labels=None, bag_word_weight=None) -> RetroMAEOutput:
+        cfg = self.config
+        hidden = self.lm.base_model(input_ids=encoder_input_ids, attention_mask=encoder_attention_mask)[0]
+        head, chunk = self.mlm_head, cfg.ce_chunk_size
+        encoder_tokens = (encoder_labels != heads.IGNORE_INDEX).sum()
+        bow_loss = None
+        if cfg.objective == "dupmae":
+            if decoder_labels is None and bag_word_weight is None:
+                raise ValueError("dupmae needs decoder_labels (or bag_word_weight) for its bag-of-words targets")
+            keep = encoder_attention_mask.bool().clone()
+            keep[:, 0] = False  # the reference pools positions 1.. (not [CLS])
+            if cfg.fast_heads:
+                pooled, enc_sum, enc_right = heads.pooled_and_labelled_loss(head, hidden, encoder_labels, keep, chunk)
+            else:
+                logits = head(hidden)
+                enc_sum, enc_right = heads.dense_logits_loss(logits, encoder_labels)
+                pooled = heads.max_pool_logits(logits, keep)
+                del logits
+            targets = bag_word_weight if bag_word_weight is not None else \
+                heads.bag_of_words_targets(decoder_labels, pooled.shape[-1])
+            bow_loss = heads.bag_of_words_loss(pooled, targets.to(pooled.dtype))
+        elif cfg.fast_heads:
+            enc_sum, enc_right = heads.labelled_rows_loss(head, hidden, encoder_labels, chunk)
+        else:
+            enc_sum, enc_right = heads.dense_logits_loss(head(hidden), encoder_labels)
+        encoder_loss = enc_sum / encoder_tokens.clamp(min=1)
+        loss = encoder_loss
+
+        decoder_loss = decoder_tokens = None
+        if cfg.objective != "mlm":
+            decoded = self._decode(hidden[:, :1], decoder_input_ids, decoder_attention_mask)
+            decoder_tokens = (decoder_labels != heads.IGNORE_INDEX).sum()
+            if cfg.fast_heads:
+                dec_sum, _ = heads.labelled_rows_loss(head, decoded, decoder_labels, chunk, count_correct=False)
+            else:
+                dec_sum, _ = heads.dense_logits_loss(head(decoded), decoder_labels)
+            decoder_loss = dec_sum / decoder_tokens.clamp(min=1)
+            loss = loss + decoder_loss
+        if bow_loss is not None:
+            loss = loss + cfg.bow_loss_weight * bow_loss
+        accuracy = (enc_right.float() / encoder_tokens.clamp(min=1)).detach()
+        return RetroMAEOutput(loss=loss, encoder_loss=encoder_loss, decoder_loss=decoder_loss, bow_loss=bow_loss,
+                              encoder_accuracy=accuracy, encoder_tokens=encoder_tokens, decoder_tokens=decoder_tokens)
+
+    def _decode(self, cls_hidden, decoder_input_ids, decoder_attention_mask):
+        """The enhanced decoder: queries from the sentence embedding, keys/values from the tokens."""
+        length = decoder_input_ids.shape[1]
+        embed = self.embeddings
+        key_value = torch.cat([cls_hidden, embed(input_ids=decoder_input_ids)[:, 1:]], dim=1)
+        query = embed(inputs_embeds=cls_hidden.expand(-1, length, -1))
+        if self._checkpoint_decoder and self.training and torch.is_grad_enabled():
+            return checkpoint(self.c_head, query, key_value, decoder_attention_mask, use_reentrant=False)
+        return self.c_head(query, key_value, decoder_attention_mask)
+
+    # --- activation checkpointing -----------------------------------------------------------------
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute encoder layers (HF) and the decoder layer in backward; same loss and gradients."""
+        if hasattr(self.lm, "activation_checkpointing_enable"):  # transformers >= 5 (the old name warns)
+            self.lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._checkpoint_decoder = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        if hasattr(self.lm, "activation_checkpointing_disable"):
+            self.lm.activation_checkpointing_disable()
+        else:
+            self.lm.gradient_checkpointing_disable()
+        self._checkpoint_decoder = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpoint_decoder
+
+    # --- state dicts ------------------------------------------------------------------------------
+    def normalize_state_dict(self, state: dict) -> dict:
+        """Drop what the reference saved twice (`decoder_embeddings.*`, the embedding module under a
+        second name) and legacy non-persistent buffers (`position_ids`), so strict loading works."""
+        own = set(self.state_dict().keys())
+        transient = {name for name, _ in self.named_buffers()} - own
+        prefix = f"lm.{self.lm.base_model_prefix}.embeddings."
+        out = {}
+        for key, value in state.items():
+            if key.startswith("decoder_embeddings.") and prefix + key[len("decoder_embeddings."):] in own:
+                continue
+            if key in transient:
+                continue
+            out[key] = value
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return super().load_state_dict(self.normalize_state_dict(state_dict), strict=strict, assign=assign)
+
+    def load_state_file(self, path: str | Path) -> None:
+        """Load `model.safetensors` (ours) or a reference `pytorch_model.bin`, strictly."""
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+            from safetensors.torch import load_file
+
+            with safe_open(str(path), framework="pt") as f:
+                aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+            state = load_file(str(path))
+            for alias, source in aliases.items():
+                state[alias] = state[source]
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = self.normalize_state_dict(state)
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise UserError(f"{path}: its weights do not fit this model (missing {missing[:4]}"
+                            f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                            f"{'...' if len(unexpected) > 4 else ''}). Expected a RetroMAE state with lm.* and "
+                            f"c_head.* keys for the architecture in {path.parent / ENCODER_DIR}.")
+        bad = [k for k in own if tuple(own[k].shape) != tuple(state[k].shape)]
+        if bad:
+            raise UserError(f"{path}: tensor shapes differ from the model for {bad[:4]} (e.g. {bad[0]}: "
+                            f"{tuple(state[bad[0]].shape)} vs {tuple(own[bad[0]].shape)}); the state was saved "
+                            f"for another configuration than {path.parent / ENCODER_DIR}.")
+        super().load_state_dict(state, strict=True)
+
+    # --- folders ----------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path) -> None:
+        """Write model.safetensors + encoder_model/ + retromae_config.json (temp names, then renamed)."""
+        from safetensors.torch import save_file
+
+        target = Path(save_directory)
+        target.mkdir(parents=True, exist_ok=True)
+        staging = target / f".staging-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            tensors, aliases = _deduplicated_state(self.state_dict())
+            save_file(tensors, str(staging / STATE_FILE), metadata={"format": "pt", ALIASES_KEY: json.dumps(aliases)})
+            self.lm.save_pretrained(str(staging / ENCODER_DIR))
+            (staging / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=1))
+            for name in (ENCODER_DIR, STATE_FILE, CONFIG_FILE):
+                old = target / name
+                if old.is_dir():
+                    shutil.rmtree(old)
+                os.replace(staging / name, old)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, config: RetroMAEConfig | None = None) -> "RetroMAEForPretraining":
+        """A RetroMAE folder (with encoder_model/ and model.safetensors or the reference's
+        pytorch_model.bin: the decoder continues), or a plain HF masked-LM folder (fresh decoder)."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder. Give a local Hugging Face model folder or a RetroMAE "
+                            f"folder (with {ENCODER_DIR}/); nothing is downloaded at run time.")
+        encoder_dir = folder / ENCODER_DIR
+        if not encoder_dir.is_dir():
+            return cls(_load_masked_lm(folder), config)
+        if config is None:
+            settings = folder / CONFIG_FILE
+            config = RetroMAEConfig.from_dict(json.loads(settings.read_text())) if settings.exists() else None
+        model = cls(_load_masked_lm(encoder_dir), config)
+        for name in (STATE_FILE, REFERENCE_STATE_FILE):
+            if (folder / name).exists():
+                model.load_state_file(folder / name)
+                break
+        return model
+
+
+def _load_masked_lm(folder: Path) -> nn.Module:
+    from transformers import AutoModelForMaskedLM
+
+    if not (folder / "config.json").exists():
+        raise UserError(f"{folder}: no config.json; expected a Hugging Face model folder (save_pretrained output).")
+    try:
+        return AutoModelForMaskedLM.from_pretrained(str(folder))
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{folder}: could not load a masked-LM model from this folder ({err}). RetroMAE needs an "
+                        f"architecture with a masked-LM head (BERT, RoBERTa, XLM-R, ...).") from None
+
+
+def _deduplicated_state(state: dict) -> tuple[dict, dict]:
+    """Tensors that share memory (tied embeddings / MLM decoder) stored once: (tensors, alias -> name)."""
+    tensors, aliases, seen = {}, {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+               tuple(tensor.stride()), tensor.dtype)
+        if tensor.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, aliases

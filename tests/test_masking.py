@@ -1,0 +1,384 @@
+"""Masks generated on the device: structure, whole words for every tokenizer family, ratios, 80/10/10,
+determinism, and the same distribution as a plain per-sample Python reference (defined here, used by
+bench/bench_model.py too; it is deliberately not part of the package)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from retromae_ds.data.masking import (BYTE_LEVEL_BPE, SENTENCEPIECE, WORD_LEVEL, WORDPIECE, MaskGenerator,
+                                      collate_blocks, continuation_table, draw_whole_words, mask_rng,
+                                      tokenizer_family)
+from tests.conftest import lee_articles
+
+# --------------------------------------------------------------------------------------------------
+# The per-sample Python reference (the published collator's semantics, a fresh draw per decoder row)
+
+
+def reference_words(ids: list[int], continuation: list[bool]) -> list[list[int]]:
+    """Word spans as sequence positions (1-based: position 0 is [CLS]) of a block's ids."""
+    words: list[list[int]] = []
+    for offset, token in enumerate(ids):
+        if words and continuation[token]:
+            words[-1].append(offset + 1)
+        else:
+            words.append([offset + 1])
+    return words
+
+
+def reference_draw(words: list[list[int]], n_tokens: int, ratio: float, rng: random.Random) -> set[int]:
+    budget = max(1, round(n_tokens * ratio))
+    order = list(words)
+    rng.shuffle(order)
+    chosen: list[int] = []
+    for word in order:
+        if len(chosen) >= budget:
+            break
+        if len(chosen) + len(word) > budget:
+            continue
+        chosen.extend(word)
+    return set(chosen)
+
+
+def reference_sample(ids: list[int], continuation: list[bool], seq_len: int, cls_id: int, sep_id: int, pad_id: int,
+                     mask_id: int, replacement_ids: list[int], enc_ratio: float, dec_ratio: float,
+                     rng: random.Random) -> dict:
+    n = len(ids)
+    seq = [cls_id] + list(ids) + [sep_id] + [pad_id] * (seq_len - n - 2)
+    words = reference_words(ids, continuation)
+    masked = reference_draw(words, n + 2, enc_ratio, rng)
+    enc_ids, enc_labels = list(seq), [-100] * seq_len
+    for pos in masked:
+        enc_labels[pos] = seq[pos]
+        roll = rng.random()
+        if roll < 0.8:
+            enc_ids[pos] = mask_id
+        elif roll < 0.9:
+            enc_ids[pos] = rng.choice(replacement_ids)
+    visible = [[False] * seq_len for _ in range(seq_len)]
+    for row in range(n + 2):
+        hidden = reference_draw(words, n + 2, dec_ratio, rng)
+        hidden.add(row)
+        visible[row][: n + 2] = [col not in hidden for col in range(n + 2)]
+    return {"encoder_input_ids": enc_ids, "encoder_attention_mask": [1] * (n + 2) + [0] * (seq_len - n - 2),
+            "encoder_labels": enc_labels, "decoder_input_ids": seq, "decoder_attention_mask": visible,
+            "decoder_labels": [-100] + list(ids) + [-100] * (seq_len - n - 1)}
+
+
+def reference_masks(blocks: list[list[int]], continuation: list[bool], cls_id: int, sep_id: int, pad_id: int,
+                    mask_id: int, replacement_ids: list[int], rng: random.Random, enc_ratio: float = 0.3,
+                    dec_ratio: float = 0.5) -> dict:
+    """The per-sample Python version of MaskGenerator.__call__ (same output tensors)."""
+    seq_len = max(len(b) for b in blocks) + 2
+    samples = [reference_sample(list(b), continuation, seq_len, cls_id, sep_id, pad_id, mask_id, replacement_ids,
+                                enc_ratio, dec_ratio, rng) for b in blocks]
+    out = {key: torch.tensor([s[key] for s in samples]) for key in samples[0]}
+    out["decoder_attention_mask"] = out["decoder_attention_mask"].bool()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthetic vocabulary: ids 5..49 start words, 50..99 continue them
+
+SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+VOCAB = 100
+
+
+def synthetic_continuation() -> torch.Tensor:
+    table = torch.zeros(VOCAB, dtype=torch.bool)
+    table[50:] = True
+    return table
+
+
+def synthetic_block(word_lengths: list[int], rng: random.Random) -> list[int]:
+    ids = []
+    for length in word_lengths:
+        ids.append(rng.randrange(5, 50))
+        ids.extend(rng.randrange(50, VOCAB) for _ in range(length - 1))
+    return ids
+
+
+def synthetic_generator(**ratios) -> MaskGenerator:
+    return MaskGenerator(synthetic_continuation(), cls_id=2, sep_id=3, pad_id=0, mask_id=4, vocab_size=VOCAB,
+                         special_ids=list(SPECIALS.values()), **ratios)
+
+
+def word_spans(ids: torch.Tensor, length: int, table: torch.Tensor) -> list[list[int]]:
+    return reference_words(ids[1:length + 1].tolist(), table.tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# collate_blocks
+
+
+def test_collate_blocks_pads_and_rounds_the_model_length():
+    blocks = [np.array([7, 8, 9], dtype=np.uint16), np.array([5], dtype=np.int32), np.array([6, 6, 6, 6, 6, 6, 6])]
+    tokens, lengths = collate_blocks(blocks, pad_id=0)
+    assert tokens.dtype == torch.long and lengths.tolist() == [3, 1, 7]
+    assert tokens.shape == (3, 14)  # 7 + 2 = 9 -> 16 = 14 + 2
+    assert tokens[0, :3].tolist() == [7, 8, 9] and (tokens[0, 3:] == 0).all()
+    assert collate_blocks(blocks, pad_id=0, pad_to_multiple_of=None)[0].shape == (3, 7)
+    assert collate_blocks(blocks, pad_id=0, max_tokens=10)[0].shape == (3, 10)
+    assert collate_blocks(blocks, pad_id=0, max_tokens=5)[0].shape == (3, 7)  # never cuts a block
+    with pytest.raises(ValueError):
+        collate_blocks([], pad_id=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# continuation tables for every tokenizer family
+
+
+@pytest.fixture(scope="session")
+def byte_level_tokenizer(tmp_path_factory):
+    return train_byte_level_bpe(tmp_path_factory.mktemp("bpe"))
+
+
+def train_byte_level_bpe(folder):
+    """A 1,000-token RoBERTa-style byte-level BPE trained on the Lee news text (saved and reloaded)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoTokenizer, RobertaTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(lee_articles(), vocab_size=1000, min_frequency=2, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                     sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
+                                     mask_token="<mask>")
+    tokenizer.save_pretrained(str(folder))
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+TEXT = ("The unbelievably quick, brownish fox jumped over 12 lazy dogs, and Anthropomorphization isn't "
+        "uncommon in Australian newspapers, said Mr. Howard.")
+
+
+def starts_by_rule(tokenizer, text: str, family: str) -> list[bool]:
+    """Independent word starts: WordPiece from the pre-tokenizer's word ids, SentencePiece and
+    byte-level BPE from the text (a token starts a word when whitespace precedes it)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if family == WORDPIECE:
+        word_ids = enc.word_ids()
+        return [i == 0 or word_ids[i] != word_ids[i - 1] for i in range(len(word_ids))]
+    out, previous = [], None
+    for i, (start, _) in enumerate(enc["offset_mapping"]):
+        after_space = start == 0 or text[start - 1].isspace() or text[start].isspace()
+        out.append(i == 0 or (after_space and start != previous))  # a lone "▁" shares its offset
+        previous = start
+    return out
+
+
+@pytest.mark.parametrize("which, family", [("minilm_tokenizer", WORDPIECE), ("sentencepiece_tokenizer", SENTENCEPIECE),
+                                           ("byte_level_tokenizer", BYTE_LEVEL_BPE)])
+def test_continuation_table_marks_word_starts(request, which, family):
+    tokenizer = request.getfixturevalue(which)
+    assert tokenizer_family(tokenizer) == family
+    table = continuation_table(tokenizer)
+    assert table.dtype == torch.bool and len(table) == len(tokenizer)
+    assert not table[tokenizer.all_special_ids].any()
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    got = [i == 0 or not bool(table[t]) for i, t in enumerate(ids)]
+    assert got == starts_by_rule(tokenizer, TEXT, family)
+    assert 0 < sum(got) < len(got)  # the sentence has multi-piece words
+
+
+def test_word_level_vocabulary_has_no_continuations(big_vocab_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(big_vocab_tokenizer_dir)
+    assert tokenizer_family(tokenizer) == WORD_LEVEL
+    assert not continuation_table(tokenizer).any()
+
+
+# --------------------------------------------------------------------------------------------------
+# structure of every mask
+
+
+@pytest.fixture(scope="module")
+def minilm_batch(minilm_tokenizer):
+    tok = minilm_tokenizer
+    texts = [TEXT] + lee_articles(8)
+    blocks = [np.array(tok(t, add_special_tokens=False)["input_ids"][:100 - 7 * i]) for i, t in enumerate(texts)]
+    table = continuation_table(tok)
+    generator = MaskGenerator(table, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id,
+                              len(tok), tok.all_special_ids)
+    tokens, lengths = collate_blocks(blocks, tok.pad_token_id)
+    return generator, tokens, lengths, table
+
+
+def check_structure(out: dict, tokens, lengths, table, gen: MaskGenerator) -> None:
+    batch, width = tokens.shape
+    seq_len = width + 2
+    visible = out["decoder_attention_mask"]
+    assert visible.dtype == torch.bool and visible.shape == (batch, seq_len, seq_len)
+    for key in ("encoder_input_ids", "encoder_attention_mask", "encoder_labels", "decoder_input_ids", "decoder_labels"):
+        assert out[key].shape == (batch, seq_len), key
+    assert not visible.diagonal(dim1=1, dim2=2).any()                                     # own position hidden
+    for b in range(batch):
+        n = int(lengths[b])
+        ids = out["decoder_input_ids"][b]
+        assert ids[0] == gen.cls_id and ids[n + 1] == gen.sep_id and (ids[n + 2:] == gen.pad_id).all()
+        assert ids[1:n + 1].tolist() == tokens[b, :n].tolist()
+        assert out["encoder_attention_mask"][b].tolist() == [1] * (n + 2) + [0] * (seq_len - n - 2)
+        assert out["decoder_labels"][b].tolist() == [-100] + tokens[b, :n].tolist() + [-100] * (seq_len - n - 1)
+        v = visible[b]
+        assert v[1:n + 2, 0].all()                                                         # [CLS] seen by rows >= 1
+        assert not v[:, n + 2:].any() and not v[n + 2:].any()                              # padding never visible
+        assert v[torch.arange(n + 1), n + 1].all()                                         # [SEP] never drawn
+        labels = out["encoder_labels"][b]
+        enc = out["encoder_input_ids"][b]
+        masked = labels != -100
+        assert not masked[0] and not masked[n + 1:].any()
+        assert (labels[masked] == ids[masked]).all() and (enc[~masked] == ids[~masked]).all()
+        assert 1 <= int(masked.sum()) <= max(1, round((n + 2) * gen.encoder_mask_ratio))
+        dec_budget = max(1, round((n + 2) * gen.decoder_mask_ratio))
+        for word in word_spans(ids, n, table):
+            assert len(set(masked[word].tolist())) == 1, "encoder must mask whole words"
+            cols = v[:n + 2][:, word]                                                      # [rows, word tokens]
+            outside = torch.ones(n + 2, dtype=torch.bool)
+            outside[word] = False
+            assert (cols[outside].all(1) | ~cols[outside].any(1)).all(), "decoder rows hide whole words"
+            for k, row in enumerate(word):                                                 # rows inside the word
+                others = cols[row, [j for j in range(len(word)) if j != k]]
+                assert others.all() or not others.any()
+        hidden_counts = (~v[1:n + 1, 1:n + 1]).sum(1) - 1                                  # minus own position
+        assert (hidden_counts <= dec_budget).all()
+
+
+def test_every_mask_has_the_reference_structure(minilm_batch):
+    gen, tokens, lengths, table = minilm_batch
+    for step in range(3):
+        out = gen(tokens, lengths, mask_rng(7, step, 0, "cpu"))
+        check_structure(out, tokens, lengths, table, gen)
+
+
+def test_python_reference_has_the_same_structure(minilm_batch):
+    gen, tokens, lengths, table = minilm_batch
+    blocks = [tokens[b, :int(lengths[b])].tolist() for b in range(len(lengths))]
+    out = reference_masks(blocks, table.tolist(), gen.cls_id, gen.sep_id, gen.pad_id, gen.mask_id,
+                          gen.replacement_ids.tolist(), random.Random(0))
+    width = out["decoder_input_ids"].shape[1] - 2
+    padded = torch.full((len(blocks), width), gen.pad_id)
+    padded[:, :tokens.shape[1]] = tokens[:, :width]
+    check_structure(out, padded, lengths, table, gen)
+
+
+def test_determinism_per_seed_step_and_rank(minilm_batch):
+    gen, tokens, lengths, _ = minilm_batch
+    first = gen(tokens, lengths, mask_rng(3, 10, 1, "cpu"))
+    again = gen(tokens, lengths, mask_rng(3, 10, 1, torch.device("cpu")))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    for other in (mask_rng(3, 11, 1, "cpu"), mask_rng(3, 10, 0, "cpu"), mask_rng(4, 10, 1, "cpu")):
+        out = gen(tokens, lengths, other)
+        assert not torch.equal(out["encoder_labels"], first["encoder_labels"])
+        assert not torch.equal(out["decoder_attention_mask"], first["decoder_attention_mask"])
+
+
+def test_corruption_is_80_10_10_and_never_inserts_specials(minilm_tokenizer):
+    tok = minilm_tokenizer
+    gen = MaskGenerator(continuation_table(tok), tok.cls_token_id, tok.sep_token_id, tok.pad_token_id,
+                        tok.mask_token_id, len(tok), tok.all_special_ids)
+    blocks = [np.array(tok(t, add_special_tokens=False)["input_ids"][:126]) for t in lee_articles(64)]
+    tokens, lengths = collate_blocks(blocks, tok.pad_token_id)
+    counts = np.zeros(3)
+    specials = torch.tensor(tok.all_special_ids)
+    for step in range(6):
+        out = gen(tokens, lengths, mask_rng(0, step, 0, "cpu"))
+        masked = out["encoder_labels"] != -100
+        enc, orig = out["encoder_input_ids"][masked], out["encoder_labels"][masked]
+        is_mask = enc == tok.mask_token_id
+        same = enc == orig
+        counts += [int(is_mask.sum()), int((~is_mask & ~same).sum()), int(same.sum())]
+        assert not torch.isin(enc[~is_mask], specials).any()
+        ratio = masked.sum(1).float() / (lengths + 2)
+        assert abs(float(ratio.mean()) - 0.3) < 0.01
+    shares = counts / counts.sum()
+    assert counts.sum() > 10_000
+    assert abs(shares[0] - 0.8) < 0.015 and abs(shares[1] - 0.1) < 0.01 and abs(shares[2] - 0.1) < 0.01
+
+
+# --------------------------------------------------------------------------------------------------
+# same distribution as the Python reference
+
+
+MIXED_LENGTHS = [3, 1, 4, 3, 1, 2, 5, 3, 1, 3, 2, 3, 1, 6, 3]
+MOSTLY_LONG = [3] * 30 + [1, 2, 1] + [4] * 8  # the fitting short word is often many slots away
+
+
+@pytest.mark.parametrize("lengths, window, unsynced_rounds", [(MIXED_LENGTHS, 8, 2), (MOSTLY_LONG, 8, 2),
+                                                              (MOSTLY_LONG, 1, 0)])
+def test_whole_word_draw_matches_python_reference_distribution(lengths, window, unsynced_rounds):
+    """Per-word selection frequencies and covered-token counts of the vectorised greedy draw equal
+    the reference's (words of mixed lengths, where stopping at the first misfit would undershoot)."""
+    rng = random.Random(5)
+    words, pos = [], 1
+    for length in lengths:
+        words.append(list(range(pos, pos + length)))
+        pos += length
+    n_tokens = sum(lengths) + 2
+    draws = 4000
+    for ratio in (0.3, 0.5):
+        ref_hits = np.zeros(len(words))
+        ref_cover = np.zeros(draws)
+        for d in range(draws):
+            chosen = reference_draw(words, n_tokens, ratio, rng)
+            ref_hits += [w[0] in chosen for w in words]
+            ref_cover[d] = len(chosen)
+        word_len = torch.tensor(lengths, dtype=torch.int32).repeat(draws, 1)
+        budget = torch.full((draws,), max(1, round(n_tokens * ratio)))
+        chosen = draw_whole_words(word_len, budget, torch.Generator().manual_seed(1), window=window,
+                                  unsynced_rounds=unsynced_rounds)
+        got_hits = chosen.sum(0).numpy()
+        got_cover = (chosen * word_len).sum(1).numpy()
+        p = (ref_hits + got_hits) / (2 * draws)
+        sigma = np.sqrt(2 * p * (1 - p) / draws) + 1e-9
+        assert (np.abs(got_hits - ref_hits) / draws <= 5 * sigma).all(), (got_hits / draws, ref_hits / draws)
+        assert (got_cover <= budget.numpy()).all()
+        for value in np.unique(np.concatenate([ref_cover, got_cover])):
+            a, b = (ref_cover == value).mean(), (got_cover == value).mean()
+            assert abs(a - b) <= 5 * np.sqrt((a + b) / draws) + 1e-9, (value, a, b)
+        assert got_cover.mean() > budget[0].item() - 0.5  # greedy keeps filling after a misfit
+
+
+def test_decoder_rows_match_reference_frequencies():
+    """Column-hiding frequencies per decoder row agree with the per-sample reference."""
+    rng = random.Random(11)
+    ids = synthetic_block([2, 1, 1, 3, 1, 1, 2, 1, 4, 1, 1, 1], rng)
+    gen = synthetic_generator()
+    repeats = 400
+    tokens, lengths = collate_blocks([np.array(ids)] * repeats, 0, pad_to_multiple_of=None)
+    out = gen(tokens, lengths, mask_rng(0, 0, 0, "cpu"))
+    got = (~out["decoder_attention_mask"]).float().mean(0)
+    ref = torch.zeros_like(got)
+    ref_rng = random.Random(3)
+    table = synthetic_continuation().tolist()
+    replacement = gen.replacement_ids.tolist()
+    for _ in range(repeats):
+        ref += ~reference_masks([ids], table, 2, 3, 0, 4, replacement, ref_rng)["decoder_attention_mask"][0]
+    ref /= repeats
+    sigma = torch.sqrt(2 * ((got + ref) / 2) * (1 - (got + ref) / 2) / repeats) + 1e-6
+    assert ((got - ref).abs() <= 5 * sigma + 1e-6).all()
+    n = len(ids)
+    assert abs(float(got[1:n + 1, 1:n + 1].sum(1).mean()) - 1 - round((n + 2) * 0.5)) < 0.6
+
+
+def test_budget_is_filled_exactly_while_single_token_words_remain():
+    gen = synthetic_generator(encoder_mask_ratio=0.15, decoder_mask_ratio=0.15)
+    rng = random.Random(0)
+    blocks = [np.array(synthetic_block([rng.choice([1, 1, 1, 2, 3]) for _ in range(40)], rng)) for _ in range(4)]
+    tokens, lengths = collate_blocks(blocks, 0)
+    out = gen(tokens, lengths, mask_rng(1, 1, 1, "cpu"))
+    assert all(t.device.type == "cpu" for t in out.values())
+    assert (out["encoder_labels"] != -100).sum(1).tolist() == [max(1, round((n + 2) * 0.15)) for n in lengths.tolist()]
+
+
+def test_invalid_ratio_and_missing_special_tokens_are_user_errors():
+    from retromae_ds.errors import UserError
+
+    with pytest.raises(UserError, match="encoder_mask_ratio"):
+        synthetic_generator(encoder_mask_ratio=1.5)
+    with pytest.raises(UserError, match="mask_token"):
+        MaskGenerator(synthetic_continuation(), 2, 3, 0, None, VOCAB, [0, 1, 2, 3])

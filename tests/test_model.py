@@ -1,0 +1,361 @@
+"""RetroMAEForPretraining: the loss equals a naive re-implementation of the published reference (dense
+additive mask, full logits), fast heads equal naive heads, checkpointing changes nothing, reference
+checkpoints load strictly, save/load round-trips, and BERT / RoBERTa / XLM-R tiny models learn."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (AutoModel, BertConfig, BertForMaskedLM, RobertaConfig, RobertaForMaskedLM,
+                          XLMRobertaConfig, XLMRobertaForMaskedLM)
+from transformers.models.bert.modeling_bert import BertLayer
+
+from retromae_ds.data.masking import MaskGenerator, collate_blocks, continuation_table, mask_rng
+from retromae_ds.errors import UserError
+from retromae_ds.model.decoder import EnhancedDecoderLayer
+from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
+from tests.conftest import lee_articles
+from tests.test_masking import VOCAB, synthetic_block, synthetic_generator, train_byte_level_bpe
+
+
+def tiny_bert(dropout: float = 0.0, vocab: int = VOCAB) -> BertForMaskedLM:
+    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
+    return BertForMaskedLM(config)
+
+
+def synthetic_batch(seed: int = 0, lengths=(20, 13, 6, 17)) -> dict:
+    rng = random.Random(seed)
+    blocks = []
+    for n in lengths:
+        ids = synthetic_block([rng.choice([1, 1, 2, 3]) for _ in range(n)], rng)[:n]
+        blocks.append(np.array(ids))
+    tokens, lens = collate_blocks(blocks, 0)
+    return synthetic_generator()(tokens, lens, mask_rng(seed, 0, 0, "cpu"))
+
+
+# --------------------------------------------------------------------------------------------------
+# An independent, naive implementation of the published reference's forward
+
+
+def naive_reference_loss(model: RetroMAEForPretraining, batch: dict, objective: str) -> torch.Tensor:
+    """Full logits everywhere, HF's own MLM loss for the encoder, and a hand-written BERT layer with
+    an additive [B, 1, L, L] mask for the decoder (as the reference did via get_extended_attention_mask)."""
+    lm = model.lm
+    out = lm(input_ids=batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"],
+             labels=batch["encoder_labels"], output_hidden_states=True)
+    cls = out.hidden_states[-1][:, :1]
+    embeddings = lm.base_model.embeddings
+    ids = batch["decoder_input_ids"]
+    batch_size, length = ids.shape
+    kv = torch.cat([cls, embeddings(input_ids=ids)[:, 1:]], dim=1)
+    query = embeddings(inputs_embeds=cls.expand(batch_size, length, cls.shape[-1]))
+    additive = (1.0 - batch["decoder_attention_mask"].float()[:, None]) * torch.finfo(torch.float32).min
+
+    layer = model.c_head
+    heads = lm.config.num_attention_heads
+    split = lambda x: x.view(batch_size, length, heads, -1).transpose(1, 2)  # noqa: E731
+    q = split(layer.attention.self.query(query))
+    k, v = split(layer.attention.self.key(kv)), split(layer.attention.self.value(kv))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + additive
+    context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch_size, length, -1)
+    attn = layer.attention.output.LayerNorm(layer.attention.output.dense(context) + query)
+    ffn = F.gelu(layer.intermediate.dense(attn))
+    decoded = layer.output.LayerNorm(layer.output.dense(ffn) + attn)
+    logits = model.mlm_head(decoded)
+    decoder_loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch["decoder_labels"].view(-1))
+    loss = out.loss + decoder_loss
+    if objective == "dupmae":
+        # the DupMAE reference: max over positions 1.. of the encoder logits (padding pushed down by
+        # 1000), log-softmax, targets weight[t] = 1 / len(tokens) for every token t of the sample
+        mask = batch["encoder_attention_mask"][:, 1:, None].float()
+        pooled = (out.logits[:, 1:] + (1 - mask) * -1000).max(dim=1).values
+        weights = torch.zeros(batch_size, logits.shape[-1], device=logits.device)
+        for b in range(batch_size):
+            tokens = [t for t in batch["decoder_labels"][b].tolist() if t != -100]
+            for t in tokens:
+                weights[b, t] = 1 / len(tokens)
+        loss = loss + 0.7 * torch.mean(-torch.sum(weights * F.log_softmax(pooled, dim=-1), dim=1))
+    return loss
+
+
+def grads(model: nn.Module) -> dict:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+HEAD_VARIANTS = [pytest.param(True, None, id="fast"), pytest.param(True, 5, id="fast-chunked"),
+                 pytest.param(False, None, id="naive")]
+
+
+@pytest.mark.parametrize("objective", ["retromae", "dupmae"])
+@pytest.mark.parametrize("fast_heads, chunk", HEAD_VARIANTS)
+def test_loss_and_gradients_match_the_naive_reference(objective, fast_heads, chunk):
+    torch.manual_seed(0)
+    config = RetroMAEConfig(objective=objective, bow_loss_weight=0.7, fast_heads=fast_heads, ce_chunk_size=chunk)
+    model = RetroMAEForPretraining(tiny_bert(), config).train()
+    batch = synthetic_batch()
+    assert (~batch["decoder_attention_mask"].any(-1)).any()  # padding rows without a visible key exist
+
+    expected = naive_reference_loss(model, batch, objective)
+    expected.backward()
+    want = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    out = model(**batch)
+    out.loss.backward()
+    got = grads(model)
+    assert torch.isfinite(out.loss)
+    assert abs(out.loss.item() - expected.item()) < 1e-5, (out.loss.item(), expected.item())
+    assert out[0] is out.loss
+    assert (out.bow_loss is not None) == (objective == "dupmae")
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_fast_heads_equal_naive_heads_with_a_large_vocabulary():
+    """XLM-R-like vocabulary (5,000 ids here) with a small chunk: loss, accuracy and gradients agree."""
+    results = []
+    for fast, chunk in ((False, None), (True, 16)):
+        torch.manual_seed(1)
+        model = RetroMAEForPretraining(tiny_bert(vocab=5000), RetroMAEConfig(fast_heads=fast, ce_chunk_size=chunk))
+        out = model(**synthetic_batch(seed=3))
+        out.loss.backward()
+        results.append((out, grads(model)))
+    (naive, naive_grads), (fast, fast_grads) = results
+    for field in ("loss", "encoder_loss", "decoder_loss", "encoder_accuracy", "encoder_tokens", "decoder_tokens"):
+        assert torch.allclose(getattr(naive, field).float(), getattr(fast, field).float(), atol=1e-5), field
+    for name in naive_grads:
+        assert torch.allclose(naive_grads[name], fast_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def test_decoder_layer_is_a_bert_layer():
+    """c_head takes a BERT layer's weights strictly and, fed one stream as both query and key/value,
+    computes what transformers' BertLayer computes with the equivalent additive mask."""
+    config = tiny_bert().config
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    bert_layer = BertLayer(config).eval()
+    layer = EnhancedDecoderLayer.from_config(config).eval()
+    layer.load_state_dict(bert_layer.state_dict(), strict=True)
+    hidden = torch.randn(3, 9, config.hidden_size)
+    visible = torch.rand(3, 9, 9) > 0.4
+    visible[..., 0] = True
+    additive = (1.0 - visible.float()[:, None]) * torch.finfo(torch.float32).min
+    with torch.no_grad():
+        assert torch.allclose(layer(hidden, hidden, visible), bert_layer(hidden, additive), atol=1e-5)
+
+
+def test_rows_without_visible_keys_stay_finite():
+    layer = EnhancedDecoderLayer.from_config(tiny_bert().config)
+    query = torch.randn(2, 6, 32, requires_grad=True)
+    kv = torch.randn(2, 6, 32, requires_grad=True)
+    visible = torch.zeros(2, 6, 6, dtype=torch.bool)
+    visible[0, :3, 1:4] = True  # rows 3.. of sample 0 and all of sample 1 see nothing
+    out = layer(query, kv, visible)
+    (out[0, :3].sum()).backward()
+    assert torch.isfinite(out).all() and torch.isfinite(query.grad).all() and torch.isfinite(kv.grad).all()
+    # the reference's integer mask (1 = visible) gives the same result as the boolean one
+    assert torch.allclose(layer(query, kv, visible.long()), out)
+
+
+def test_mlm_objective_runs_only_the_encoder():
+    torch.manual_seed(0)
+    model = RetroMAEForPretraining(tiny_bert(), RetroMAEConfig(objective="mlm"))
+    batch = synthetic_batch()
+    out = model(**batch)
+    out.loss.backward()
+    hf = model.lm(input_ids=batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"],
+                  labels=batch["encoder_labels"]).loss
+    assert out.decoder_loss is None and out.bow_loss is None
+    assert torch.allclose(out.loss, hf, atol=1e-6) and torch.allclose(out.encoder_loss, hf, atol=1e-6)
+    assert all(not p.requires_grad and p.grad is None for p in model.c_head.parameters())
+    assert all(p.grad is not None for p in model.lm.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    batch = synthetic_batch(seed=2)
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        model = RetroMAEForPretraining(tiny_bert(dropout=0.1)).train()
+        if enabled:
+            model.gradient_checkpointing_enable()
+            assert model.is_gradient_checkpointing and model.lm.is_activation_checkpointing
+        torch.manual_seed(123)  # same dropout masks
+        out = model(**batch)
+        out.loss.backward()
+        results.append((out.loss.item(), grads(model)))
+    (loss_off, grads_off), (loss_on, grads_on) = results
+    assert loss_off == pytest.approx(loss_on, abs=1e-6)
+    for name in grads_off:
+        assert torch.allclose(grads_off[name], grads_on[name], atol=1e-6), name
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing and not model.lm.is_activation_checkpointing
+
+
+# --------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class ReferenceLayout(nn.Module):
+    """The attribute layout of the published reference module: the HF model as `lm`, its embedding
+    module registered a second time as `decoder_embeddings`, and a BERT layer as `c_head`."""
+
+    def __init__(self, lm: BertForMaskedLM) -> None:
+        super().__init__()
+        self.lm = lm
+        self.decoder_embeddings = lm.bert.embeddings
+        self.c_head = BertLayer(lm.config)
+
+
+def test_reference_checkpoint_loads_strictly(tmp_path):
+    torch.manual_seed(5)
+    reference = ReferenceLayout(tiny_bert())
+    state = reference.state_dict()
+    assert any(k.startswith("decoder_embeddings.") for k in state)
+    state["lm.bert.embeddings.position_ids"] = torch.arange(64)[None]  # what older transformers saved
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    reference.lm.save_pretrained(tmp_path / "encoder_model")
+
+    model = RetroMAEForPretraining.from_pretrained(tmp_path)
+    own = model.state_dict()
+    assert set(own) == {k for k in state if not k.startswith("decoder_embeddings.") and "position_ids" not in k}
+    for key, value in own.items():
+        assert torch.equal(value, state[key]), key
+    # the same state also loads through load_state_dict(strict=True)
+    fresh = RetroMAEForPretraining(tiny_bert())
+    fresh.load_state_dict(state, strict=True)
+    assert torch.equal(fresh.c_head.output.dense.weight, reference.c_head.output.dense.weight)
+
+    broken = {k: v for k, v in state.items() if k != "c_head.intermediate.dense.weight"}
+    torch.save(broken, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="c_head.intermediate.dense.weight"):
+        RetroMAEForPretraining.from_pretrained(tmp_path)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    config = RetroMAEConfig(objective="dupmae", bow_loss_weight=0.25, ce_chunk_size=32)
+    model = RetroMAEForPretraining(tiny_bert(), config).eval()
+    with torch.no_grad():
+        model.c_head.output.dense.weight.add_(1.0)  # not a fresh initialisation
+    model.save_pretrained(tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["encoder_model", "model.safetensors",
+                                                                     "retromae_config.json"]
+    loaded = RetroMAEForPretraining.from_pretrained(tmp_path / "out").eval()
+    assert loaded.config == config
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    tied = loaded.lm.cls.predictions.decoder.weight
+    assert tied.data_ptr() == loaded.lm.bert.embeddings.word_embeddings.weight.data_ptr()
+    batch = synthetic_batch()
+    with torch.no_grad():
+        assert torch.equal(model(**batch).loss, loaded(**batch).loss)
+        encoder = AutoModel.from_pretrained(tmp_path / "out" / "encoder_model").eval()
+        ids, mask = batch["decoder_input_ids"], batch["encoder_attention_mask"]
+        assert torch.allclose(encoder(input_ids=ids, attention_mask=mask).last_hidden_state,
+                              model.encoder(input_ids=ids, attention_mask=mask).last_hidden_state, atol=1e-6)
+    model.save_pretrained(tmp_path / "out")  # overwriting an existing folder works and leaves no staging dirs
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_plain_hugging_face_folder_gets_a_fresh_decoder(tmp_path):
+    torch.manual_seed(0)
+    lm = tiny_bert()
+    lm.save_pretrained(tmp_path)
+    model = RetroMAEForPretraining.from_pretrained(tmp_path, RetroMAEConfig(objective="retromae"))
+    assert torch.equal(model.lm.bert.embeddings.word_embeddings.weight, lm.bert.embeddings.word_embeddings.weight)
+    weight = model.c_head.attention.self.query.weight
+    assert abs(weight.std().item() - lm.config.initializer_range) < 0.005  # BERT initialisation
+    assert torch.equal(model.c_head.output.LayerNorm.weight, torch.ones(32))
+    with pytest.raises(UserError, match="no such folder"):
+        RetroMAEForPretraining.from_pretrained(tmp_path / "missing")
+
+
+def test_architectures_without_an_mlm_head_are_user_errors():
+    from transformers import BertModel, DistilBertConfig, DistilBertForMaskedLM
+
+    with pytest.raises(UserError, match="base_model"):
+        RetroMAEForPretraining(BertModel(tiny_bert().config))
+    distil = DistilBertForMaskedLM(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, hidden_dim=64))
+    with pytest.raises(UserError, match="one masked-LM head"):
+        RetroMAEForPretraining(distil)
+    with pytest.raises(UserError, match="objective"):
+        RetroMAEConfig(objective="contrastive")
+
+
+# --------------------------------------------------------------------------------------------------
+# every tokenizer family trains
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizer(tmp_path_factory):
+    return train_byte_level_bpe(tmp_path_factory.mktemp("bpe_model"))
+
+
+def build_tiny(family: str, tokenizer, max_len: int):
+    common = dict(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    if family == "bert":
+        return BertForMaskedLM(BertConfig(max_position_embeddings=max_len, **common))
+    config_cls, model_cls = (RobertaConfig, RobertaForMaskedLM) if family == "roberta" else \
+        (XLMRobertaConfig, XLMRobertaForMaskedLM)
+    config = config_cls(max_position_embeddings=max_len + 2, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id, **common)
+    return model_cls(config)
+
+
+@pytest.mark.parametrize("family, which, objective", [
+    ("bert", "minilm_tokenizer", "retromae"),
+    ("roberta", "byte_level_tokenizer", "retromae"),
+    ("xlmr", "sentencepiece_tokenizer", "retromae"),
+    ("roberta", "byte_level_tokenizer", "dupmae"),
+])
+def test_tiny_models_learn(request, family, which, objective):
+    tokenizer = request.getfixturevalue(which)
+    torch.manual_seed(0)
+    model = RetroMAEForPretraining(build_tiny(family, tokenizer, 64), RetroMAEConfig(objective=objective))
+    assert type(model.encoder).__name__.lower().startswith(family)
+    generator = MaskGenerator(continuation_table(tokenizer), tokenizer.cls_token_id, tokenizer.sep_token_id,
+                              tokenizer.pad_token_id, tokenizer.mask_token_id, len(tokenizer),
+                              tokenizer.all_special_ids)
+    ids = [i for text in lee_articles(12) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    blocks = [np.array(ids[k:k + 38]) for k in range(0, 8 * 38, 38)]
+    tokens, lengths = collate_blocks(blocks, tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(12):
+        batch = generator(tokens, lengths, mask_rng(0, step, 0, "cpu"))
+        out = model(**batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+        assert math.isfinite(losses[-1])
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
+
+
+def test_summed_cross_entropy_equals_stock_cross_entropy(monkeypatch):
+    """The fast heads' cross-entropy (fp32 math in row blocks, one-buffer backward) is the stock one."""
+    from retromae_ds.model import heads
+
+    monkeypatch.setattr(heads, "ROW_BLOCK_ELEMENTS", 40)  # two rows of 20 logits per block
+    target = torch.randint(0, 20, (7,))
+    logits = torch.randn(7, 20, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: heads.summed_cross_entropy(z, target), (logits,))
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-4)):
+        z = torch.randn(9, 20).to(dtype).requires_grad_()
+        ours = heads.summed_cross_entropy(z, target.repeat(2)[:9])
+        stock = F.cross_entropy(z.float(), target.repeat(2)[:9], reduction="sum")
+        assert torch.allclose(ours, stock, rtol=1e-6)
+        g_ours, = torch.autograd.grad(0.37 * ours, z)
+        g_stock, = torch.autograd.grad(0.37 * stock, z)
+        assert g_ours.dtype == dtype and torch.allclose(g_ours.float(), g_stock.float(), atol=tol)
