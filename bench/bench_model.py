@@ -6,9 +6,8 @@
    heads, vocabulary 30,522) at L = 512 with naive heads (full B x L x V logits, stock
    cross-entropy) vs fast heads (logits only where labels exist) and fast + chunked heads.
    Targets: fast >= 1.3x faster and >= 30% less peak memory.
-   Peak memory: on CUDA torch.cuda.max_memory_allocated during the steps (in this process); on the
-   CPU the steps' peak resident memory above what was resident before them (model, optimizer state),
-   sampled every 0.5 ms in one child process per variant (so variants do not share a heap).
+   Peak memory: on CUDA torch.cuda.max_memory_allocated during the steps; on the CPU the steps' peak
+   malloc'd bytes above those in use before them (model, optimizer state), sampled every 0.2 ms.
 
     python bench/bench_model.py                      # CUDA if available, else CPU (small batch)
     python bench/bench_model.py --device cpu --quick # smoke run
@@ -18,10 +17,11 @@ Runs from a source checkout (it imports the test suite's Python reference).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -50,7 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="training precision: auto = bf16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--skip-masks", action="store_true", help="only the heads benchmark")
     p.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
-    p.add_argument("--memory-worker", choices=VARIANTS, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -193,24 +192,31 @@ def train_step(model, optimizer, batch, device, bf16: bool = False) -> float:
     return float(loss.detach())
 
 
-class RssPeak:
-    """Samples this process's resident memory every 0.5 ms in a thread (the peak RSS that the
-    kernel keeps cannot be reset, and the steps' peak must exclude loading the model)."""
+class HeapPeak:
+    """Peak bytes in use by malloc (glibc mallinfo2: arenas + mmapped blocks), sampled every 0.2 ms
+    by a thread while the steps run. Unlike the resident set, this excludes freed memory the
+    allocator keeps cached, so variants can be measured one after another in one process."""
 
     def __init__(self) -> None:
+        import ctypes
         import threading
 
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = self.read()
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+        self._mallinfo = ctypes.CDLL("libc.so.6").mallinfo2
+        self._mallinfo.restype = MallInfo2
+        self.base = self.peak = self.read()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def read(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
+        info = self._mallinfo()
+        return info.uordblks + info.hblkhd
 
     def _run(self) -> None:
-        while not self._stop.wait(0.0005):
+        while not self._stop.wait(0.0002):
             self.peak = max(self.peak, self.read())
 
     def __enter__(self):
@@ -221,29 +227,6 @@ class RssPeak:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.read())
-
-
-def memory_worker(args) -> None:
-    """CPU child: one variant's peak resident memory during two training steps, above the memory
-    held before them (model, optimizer state and a warm-up step already in place)."""
-    import ctypes
-    import gc
-
-    device = torch.device("cpu")
-    table, specials, candidates, _ = continuation_and_ids(args.tokenizer)
-    batch = make_batch(device, args, table, specials, candidates, args.batch)
-    model, optimizer, _ = build_variant(args.memory_worker, batch["encoder_input_ids"].numel(), device, args.quick)
-    train_step(model, optimizer, batch, device, use_bf16(args, device))
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap pages back so the baseline is tight
-    except OSError:
-        pass
-    with RssPeak() as rss:
-        base = rss.read()
-        for _ in range(2):
-            train_step(model, optimizer, batch, device, use_bf16(args, device))
-    print(json.dumps({"peak_mb": (rss.peak - base) / 2**20}))
 
 
 def bench_heads(device, args, table, specials, candidates) -> dict:
@@ -261,26 +244,24 @@ def bench_heads(device, args, table, specials, candidates) -> dict:
             sync(device)
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
+        gc.collect()
+        heap = HeapPeak() if device.type == "cpu" else contextlib.nullcontext()
         sync(device)
         start = time.perf_counter()
-        seen = [train_step(model, optimizer, batch, device, bf16) for _ in range(steps)]
+        with heap:
+            seen = [train_step(model, optimizer, batch, device, bf16) for _ in range(steps)]
         sync(device)
         row = {"step_s": (time.perf_counter() - start) / steps, "ce_chunk_size": config.ce_chunk_size}
         if device.type == "cuda":
             row["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             row["step_peak_above_resident_mb"] = (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        else:
+            row["peak_mb"] = (heap.peak - heap.base) / 2**20  # the steps' peak above what was in use before
         losses[variant] = seen
         results[variant] = row
         del model, optimizer
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if device.type == "cpu":
-        for variant in VARIANTS:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-worker", variant, "--batch", str(batch_size),
-                   "--seq-len", str(args.seq_len), "--tokenizer", args.tokenizer, "--precision", args.precision]
-            cmd += ["--quick"] if args.quick else []
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            results[variant]["peak_mb"] = json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
     naive = results["naive"]
     for variant in ("fast", "fast_chunked"):
         results[variant]["speedup_vs_naive"] = naive["step_s"] / results[variant]["step_s"]
@@ -292,9 +273,6 @@ def bench_heads(device, args, table, specials, candidates) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.memory_worker:
-        memory_worker(args)
-        return 0
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           (args.device if args.device != "auto" else "cpu"))
     table, specials, candidates, source = continuation_and_ids(args.tokenizer)

@@ -17,13 +17,13 @@ from retromae_ds.errors import UserError
 DEMO_DEFAULTS = dict(
     output_dir="runs/demo",
     max_seq_len=128,
-    micro_batch_size=16,
-    max_steps=150,
+    micro_batch_size=8,
+    max_steps=100,
     lr=1e-4,
     warmup=0.1,
     log_interval=10,
     save_interval=50,
-    eval_interval=75,
+    eval_interval=50,
     eval_heldout_docs=50,
     eval_max_length=128,
 )

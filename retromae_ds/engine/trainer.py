@@ -217,6 +217,8 @@ class Trainer:
         loss_sum = torch.zeros(4, dtype=torch.float64, device=device)  # loss, enc, dec, bow (local sums)
         acc_sum = torch.zeros((), dtype=torch.float64, device=device)
         n_micro = 0
+        if cfg.eval_interval and step == 0:
+            logger.log(0, evaluate(), kind="eval")  # the starting point, to compare against
         engine.train()
         while step < total_steps:
             t0 = time.monotonic()
@@ -230,7 +232,8 @@ class Trainer:
             for k in range(cfg.grad_accum):
                 t_data = time.monotonic()
                 micro = micro_batch_indices(batch_idx, cfg.micro_batch_size, world, dist.rank, k)
-                tokens, lengths = collate_blocks([data.train[int(i)][:block_cap] for i in micro], pad_id)
+                tokens, lengths = collate_blocks([data.train[int(i)][:block_cap] for i in micro], pad_id,
+                                                max_tokens=block_cap)
                 micro_no = k * world + dist.rank
                 batch = masker(tokens.to(device, non_blocking=True), lengths.to(device, non_blocking=True),
                                mask_rng(cfg.seed, step, micro_no, device))

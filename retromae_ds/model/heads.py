@@ -7,13 +7,13 @@ ZeRO-3 partitions the parameters and gathers them around each module call.
 
 Fast heads. Vocabulary logits cost B x L x V memory and matmul time, but a loss needs them only
 where a label exists: the encoder's masked positions (~30%) and the decoder's labelled rows. The
-fast path selects those hidden rows first, then projects; its cross-entropy keeps only the
-logits (bf16 under mixed precision) for backward and builds the gradient in one fp32 buffer (the
-stock `F.cross_entropy` on upcast logits keeps an fp32 log-softmax and builds two V-wide fp32
-buffers in backward). With
+fast path selects those hidden rows first, then projects. Its cross-entropy keeps only the logits
+(bf16 under mixed precision) for backward and writes the gradient straight into one buffer of the
+logits' dtype, doing the fp32 math a block of rows at a time (the stock `F.cross_entropy` on
+upcast logits keeps an fp32 log-softmax and builds two full fp32 buffers in backward). With
 `chunk_size`, rows are projected `chunk_size` at a time inside activation checkpoints, so at most
-one chunk of logits exists at once (the head's forward is recomputed in backward): the option
-for 250k-token vocabularies such as XLM-R. All paths give the naive loss (tests check 1e-5).
+one chunk of logits exists at once (the head's forward is recomputed in backward): the option for
+250k-token vocabularies such as XLM-R. Every path gives the naive loss (tests check 1e-5).
 """
 
 from __future__ import annotations
@@ -146,8 +146,8 @@ def max_pool_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
     `torch.max(dim)` keeps only the argmax indices for backward, so the logits can be freed.
     """
-    masked = logits.float().masked_fill(~keep[..., None], torch.finfo(torch.float32).min)
-    return masked.max(dim=1).values
+    masked = logits.masked_fill(~keep[..., None], torch.finfo(logits.dtype).min)
+    return masked.max(dim=1).values.float()
 
 
 def _pool_chunk(head, hidden, labels, keep):
