@@ -238,3 +238,35 @@ def test_bf16_trains_with_falling_loss(runs):
     first = sum(loss[s] for s in (1, 2, 3)) / 3
     last = sum(loss[s] for s in (10, 11, 12)) / 3
     assert last < first, loss
+
+
+def test_zero3_offload_equals_single_process(runs):
+    single, _ = baseline(runs)
+    off, _ = runs.get("z3_offload", "python", 1, ["--grad-accum", "2", "--no-export"], ds="zero3_offload")
+    a, b = R.losses(single), R.losses(off)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=2e-5, rel=2e-5), (step, a, b)
+
+
+def test_resume_with_a_different_world_size_continues_the_data(runs, setup):
+    """A 2-rank checkpoint resumed by 1 rank (x accum 2, same global batch): weights come back from the
+    consolidated fp32 state, and the data continues where it stopped (same sampler state at the end)."""
+    import shutil
+
+    from retromae_ds.engine.checkpoint import complete_checkpoints, read_marker
+
+    z2, _ = runs.get("z2", "torchrun", 2, [])
+    out = setup["root"] / "reshard"
+    src = z2 / "checkpoints" / "step_00000003"
+    shutil.copytree(src, out / "checkpoints" / src.name)
+    args = setup["base"] + COMMON + ["--deepspeed", "ds_configs/zero2.json", "--output-dir", str(out),
+                                     "--grad-accum", "2", "--no-export"]
+    res = R.run("python", 1, args, setup["root"] / "reshard.log")
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert "new world size" in res.stdout
+    assert sorted(R.losses(out)) == [4, 5, 6]
+    want = read_marker(complete_checkpoints(z2)[-1])["client_state"]
+    got = read_marker(complete_checkpoints(out)[-1])["client_state"]
+    assert got["step"] == want["step"] == STEPS
+    assert got["sampler"] == want["sampler"] and got["tokens_seen"] == want["tokens_seen"]
+    assert got["world_size"] == 1 and want["world_size"] == 2
