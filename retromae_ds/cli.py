@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"retromae-ds {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `retromae-ds info X | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"retromae-ds {args.command}: interrupted", file=sys.stderr)
         return 130

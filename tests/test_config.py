@@ -135,3 +135,11 @@ def test_schedule_is_a_function_of_step():
     assert lr_at(55, schedule="cosine", **kw) == pytest.approx(0.5)
     assert lr_at(32, schedule="cosine", **kw) > lr_at(32, **kw)
     assert lr_at(100, min_ratio=0.1, **kw) == pytest.approx(0.1)
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    from retromae_ds.engine.build import load_tokenizer
+
+    cfg = parse("--data", "x", "--model", str(tmp_path / "no-model"))
+    with pytest.raises(UserError, match=r"--model .*no-model: no such folder"):
+        load_tokenizer(cfg)

@@ -117,6 +117,10 @@ def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
 
     path = cfg.tokenizer or cfg.model
+    if not Path(path).exists():
+        flag = "--tokenizer" if cfg.tokenizer else "--model"
+        raise UserError(f"{flag} {path}: no such folder. Give a local Hugging Face model/tokenizer folder "
+                        f"(nothing is downloaded at run time).")
     if (Path(path) / "encoder_model").is_dir() and not (Path(path) / "tokenizer_config.json").exists():
         path = str(Path(path) / "encoder_model")
     try:
