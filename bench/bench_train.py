@@ -86,8 +86,7 @@ def main() -> int:
         cfg = TrainConfig(micro_batch_size=args.micro_batch, lr=1e-4, precision=setting["precision"])
         ds = json.load(open(os.path.join(os.path.dirname(__file__), "..", "ds_configs",
                                          f"zero{setting['stage']}.json")))
-        ds = resolve_deepspeed_config(ds, cfg, world_size=dist.world_size, precision=setting["precision"],
-                                      on_cpu=device.type == "cpu")
+        ds = resolve_deepspeed_config(ds, cfg, world_size=dist.world_size, precision=setting["precision"])
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds)
         meter = Throughput(model_config=hf, objective=args.objective, device=device, dtype=setting["precision"],
                            world_size=dist.world_size)

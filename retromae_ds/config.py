@@ -248,7 +248,7 @@ def resolve_precision(cfg: TrainConfig, device_type: str, bf16_supported: bool) 
 
 
 def resolve_deepspeed_config(ds: dict[str, Any], cfg: TrainConfig, *, world_size: int, precision: str,
-                             source: str = "DeepSpeed config", on_cpu: bool = False) -> dict[str, Any]:
+                             source: str = "DeepSpeed config") -> dict[str, Any]:
     """Fill every "auto" in the DeepSpeed JSON from the run config.
 
     A concrete JSON value is kept when the user did not set the matching flag (and copied back into

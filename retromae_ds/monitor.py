@@ -249,7 +249,6 @@ class Throughput:
 
         if self.device is None or torch.device(self.device).type != "cuda":
             return None
-
         return torch.cuda.max_memory_allocated(self.device) / 2 ** 30
 
 

@@ -71,7 +71,7 @@ def test_time_budget_parsing():
 
 def test_auto_fields_are_filled():
     cfg = parse("--micro-batch-size", "4", "--grad-accum", "3", "--lr", "2e-4", "--clip", "0.5")
-    ds = C.resolve_deepspeed_config(ds_json(), cfg, world_size=2, precision="fp32", on_cpu=True)
+    ds = C.resolve_deepspeed_config(ds_json(), cfg, world_size=2, precision="fp32")
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 24

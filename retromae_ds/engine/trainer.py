@@ -88,7 +88,7 @@ class Trainer:
     def train(self) -> int:
         cfg = self.cfg
         stop = StopRequest()
-        from retromae_ds.engine.distributed import barrier, init_distributed
+        from retromae_ds.engine.distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed
 
         dist = init_distributed(self.local_rank_arg)
         self.dist = dist
@@ -123,15 +123,14 @@ class Trainer:
         block_cap = cfg.max_seq_len - 2
         n_train = len(data.train)
         world = dist.world_size
-        global_batch = cfg.micro_batch_size * cfg.grad_accum * world
 
         # --- DeepSpeed ------------------------------------------------------------------------------
         bf16_ok = dist.device_type == "cuda" and torch.cuda.is_bf16_supported()
         precision = config_mod.resolve_precision(cfg, dist.device_type, bf16_ok)
         ds_config = config_mod.resolve_deepspeed_config(
             config_mod.load_deepspeed_json(cfg.deepspeed), cfg, world_size=world, precision=precision,
-            source=f"--deepspeed {cfg.deepspeed}", on_cpu=dist.device_type == "cpu")
-        global_batch = cfg.micro_batch_size * cfg.grad_accum * world  # the JSON may have set them
+            source=f"--deepspeed {cfg.deepspeed}")
+        global_batch = cfg.micro_batch_size * cfg.grad_accum * world  # after the JSON may have set them
 
         total_steps = cfg.max_steps or math.ceil(cfg.epochs * n_train / global_batch)
         if total_steps <= 0:
@@ -259,8 +258,6 @@ class Trainer:
             tokens_seen += step_tokens
             flags = [float(stop.signal != 0), float(budget is not None and time.monotonic() - start > budget),
                      float(not applied)]
-            from retromae_ds.engine.distributed import all_reduce_max
-
             got_signal, out_of_time, bad = all_reduce_max(flags, device)
             if bad:
                 skipped_total += 1
@@ -271,14 +268,14 @@ class Trainer:
                          samples=global_batch, seq_len=cfg.max_seq_len)
 
             if step % cfg.log_interval == 0 or step == total_steps:
-                from retromae_ds.engine.distributed import all_reduce_sum
-
                 sums = all_reduce_sum(loss_sum.tolist() + [float(acc_sum), float(n_micro)], device)
                 count = max(1.0, sums[-1])
                 metrics = {"loss": sums[0] / count, "encoder_loss": sums[1] / count,
                            "decoder_loss": sums[2] / count, "encoder_accuracy": sums[4] / count,
                            "lr": lr, "grad_norm": _grad_norm(engine), "skipped_steps": skipped_total,
                            "tokens_seen": tokens_seen, "epoch": sampler.epoch}
+                if cfg.objective == "mlm":
+                    metrics["decoder_loss"] = float("nan")  # no decoder: null in metrics.jsonl
                 if cfg.objective == "dupmae":
                     metrics["bow_loss"] = sums[3] / count
                 if precision == "fp16":
