@@ -1,7 +1,8 @@
 """RetroMAE vs MLM (vs DupMAE): same encoder init, same data, same steps, several seeds.
 
     OMP_NUM_THREADS=2 python bench/ablation.py --objectives retromae mlm dupmae --seeds 1 2 3 \\
-        --steps 120 --hidden 128 --layers 2 --out-dir runs/ablation --json bench/results/ablation.json
+        --steps 150 --micro-batch 8 --hidden 128 --layers 2 --heads 4 --out-dir runs/ablation \\
+        --json bench/results/ablation.json --png bench/results/curves.png
 
 For each (objective, seed) it runs `launch/pretrain.py` (one process, one after the other) from a
 random-init BERT of the given size on the demo corpus (prepared if missing), evaluating every
@@ -185,12 +186,12 @@ def pretrain_command(args, objective: str, seed: int, model_cfg: Path, tokenizer
             "--save-interval", "0", "--resume", "none", "--no-export", "--output-dir", str(out)]
 
 
-def run_one(args, objective: str, seed: int, model_cfg: Path, tokenizer: str) -> tuple[Path, float]:
-    """Train one (objective, seed); returns (output folder, wall seconds; 0 when reused)."""
+def run_one(args, objective: str, seed: int, model_cfg: Path, tokenizer: str) -> tuple[Path, float | None]:
+    """Train one (objective, seed); returns (output folder, wall seconds; None when reused)."""
     out = Path(args.out_dir) / f"{objective}_seed{seed}"
     if args.reuse and run_finished(out, args.steps):
         print(f"  {objective:8s} seed {seed}: reused {out}", file=sys.stderr, flush=True)
-        return out, 0.0
+        return out, None
     if out.exists():
         import shutil
 
@@ -235,10 +236,10 @@ def main(argv=None) -> int:
                     choices=["retromae", "mlm", "dupmae"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--baseline", default="mlm", help="objective the paired differences are taken against")
-    ap.add_argument("--steps", type=int, default=120, help="optimizer steps per run")
-    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
+    ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--eval-interval", type=int, default=40)
+    ap.add_argument("--eval-interval", type=int, default=50)
     ap.add_argument("--log-interval", type=int, default=10)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="JSON report (default OUT_DIR/ablation.json)")
     ap.add_argument("--png", help="curves (default OUT_DIR/curves.png; 'none' = no plot)")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs found in OUT_DIR")
+    ap.add_argument("--note", help="free text stored in the JSON report (e.g. how reused runs were timed)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.eval_interval < 1:
         ap.error("--steps and --eval-interval must be >= 1")
@@ -275,7 +277,7 @@ def main(argv=None) -> int:
             out, wall = run_one(args, objective, seed, model_cfg, tokenizer)
             results.setdefault(objective, []).append(final_metrics(out))
             run_dirs.setdefault(objective, []).append(out)
-            walls[f"{objective}_seed{seed}"] = round(wall, 1)
+            walls[f"{objective}_seed{seed}"] = None if wall is None else round(wall, 1)
     total = time.monotonic() - t0
 
     summary = summarise(results, args.baseline)
@@ -286,6 +288,7 @@ def main(argv=None) -> int:
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "2") + " python bench/ablation.py "
                    + " ".join(argv if argv is not None else sys.argv[1:]),
         "hardware": hardware(), "wall_s": round(total, 1), "run_wall_s": walls,
+        "reused_runs": [name for name, wall in walls.items() if wall is None], "note": args.note,
         "args": vars(args), "model_config": json.loads((model_cfg / "config.json").read_text()),
         "init_identical_across_objectives": not mismatches, "init_mismatches": mismatches,
         "summary": summary, "per_seed": {o: dict(zip(map(str, args.seeds), r)) for o, r in results.items()},

@@ -30,6 +30,9 @@ PANELS = [
 ]
 
 
+LINESTYLES = ["-", "--", ":"]
+
+
 def find_runs(runs_dir) -> dict[str, list[Path]]:
     """{objective: [run folder, ...]} (seeds in ascending order) for the `<objective>_seed<N>`
     folders of runs_dir that have TensorBoard events."""
@@ -98,8 +101,8 @@ def plot_curves(groups: dict[str, list[Path]], png, panels=PANELS, title: str | 
             steps, mean, low, high = curve
             colour = colours[i % len(colours)]
             marker = "o" if tag.startswith("eval/") else None
-            ax.plot(steps, mean, color=colour, marker=marker, markersize=3,
-                    label=f"{objective} (n={len(series)})")
+            ax.plot(steps, mean, color=colour, marker=marker, markersize=3, linestyle=LINESTYLES[i % 3],
+                    label=f"{objective} (n={len(series)})")  # line styles keep overlapping curves visible
             ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("optimizer step")

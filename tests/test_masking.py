@@ -1,6 +1,6 @@
 """Masks generated on the device: structure, whole words for every tokenizer family, ratios, 80/10/10,
-determinism, and the same distribution as a plain per-sample Python reference (defined here, used by
-bench/bench_model.py too; it is deliberately not part of the package)."""
+determinism, and the same distribution as the plain per-sample Python reference in
+tests/masking_reference.py (re-exported here for bench/bench_model.py; deliberately not in the package)."""
 
 from __future__ import annotations
 
@@ -14,72 +14,7 @@ from retromae_ds.data.masking import (BYTE_LEVEL_BPE, SENTENCEPIECE, WORD_LEVEL,
                                       collate_blocks, continuation_table, draw_whole_words, mask_rng,
                                       tokenizer_family)
 from tests.conftest import lee_articles
-
-# --------------------------------------------------------------------------------------------------
-# The per-sample Python reference (the published collator's semantics, a fresh draw per decoder row)
-
-
-def reference_words(ids: list[int], continuation: list[bool]) -> list[list[int]]:
-    """Word spans as sequence positions (1-based: position 0 is [CLS]) of a block's ids."""
-    words: list[list[int]] = []
-    for offset, token in enumerate(ids):
-        if words and continuation[token]:
-            words[-1].append(offset + 1)
-        else:
-            words.append([offset + 1])
-    return words
-
-
-def reference_draw(words: list[list[int]], n_tokens: int, ratio: float, rng: random.Random) -> set[int]:
-    budget = max(1, round(n_tokens * ratio))
-    order = list(words)
-    rng.shuffle(order)
-    chosen: list[int] = []
-    for word in order:
-        if len(chosen) >= budget:
-            break
-        if len(chosen) + len(word) > budget:
-            continue
-        chosen.extend(word)
-    return set(chosen)
-
-
-def reference_sample(ids: list[int], continuation: list[bool], seq_len: int, cls_id: int, sep_id: int, pad_id: int,
-                     mask_id: int, replacement_ids: list[int], enc_ratio: float, dec_ratio: float,
-                     rng: random.Random) -> dict:
-    n = len(ids)
-    seq = [cls_id] + list(ids) + [sep_id] + [pad_id] * (seq_len - n - 2)
-    words = reference_words(ids, continuation)
-    masked = reference_draw(words, n + 2, enc_ratio, rng)
-    enc_ids, enc_labels = list(seq), [-100] * seq_len
-    for pos in masked:
-        enc_labels[pos] = seq[pos]
-        roll = rng.random()
-        if roll < 0.8:
-            enc_ids[pos] = mask_id
-        elif roll < 0.9:
-            enc_ids[pos] = rng.choice(replacement_ids)
-    visible = [[False] * seq_len for _ in range(seq_len)]
-    for row in range(n + 2):
-        hidden = reference_draw(words, n + 2, dec_ratio, rng)
-        hidden.add(row)
-        visible[row][: n + 2] = [col not in hidden for col in range(n + 2)]
-    return {"encoder_input_ids": enc_ids, "encoder_attention_mask": [1] * (n + 2) + [0] * (seq_len - n - 2),
-            "encoder_labels": enc_labels, "decoder_input_ids": seq, "decoder_attention_mask": visible,
-            "decoder_labels": [-100] + list(ids) + [-100] * (seq_len - n - 1)}
-
-
-def reference_masks(blocks: list[list[int]], continuation: list[bool], cls_id: int, sep_id: int, pad_id: int,
-                    mask_id: int, replacement_ids: list[int], rng: random.Random, enc_ratio: float = 0.3,
-                    dec_ratio: float = 0.5) -> dict:
-    """The per-sample Python version of MaskGenerator.__call__ (same output tensors)."""
-    seq_len = max(len(b) for b in blocks) + 2
-    samples = [reference_sample(list(b), continuation, seq_len, cls_id, sep_id, pad_id, mask_id, replacement_ids,
-                                enc_ratio, dec_ratio, rng) for b in blocks]
-    out = {key: torch.tensor([s[key] for s in samples]) for key in samples[0]}
-    out["decoder_attention_mask"] = out["decoder_attention_mask"].bool()
-    return out
-
+from tests.masking_reference import reference_draw, reference_masks, reference_words  # noqa: F401 (re-export)
 
 # --------------------------------------------------------------------------------------------------
 # Synthetic vocabulary: ids 5..49 start words, 50..99 continue them
@@ -363,6 +298,36 @@ def test_decoder_rows_match_reference_frequencies():
     assert ((got - ref).abs() <= 5 * sigma + 1e-6).all()
     n = len(ids)
     assert abs(float(got[1:n + 1, 1:n + 1].sum(1).mean()) - 1 - round((n + 2) * 0.5)) < 0.6
+
+
+def test_encoder_masks_match_reference_frequencies():
+    """Per-position masking rates and the [MASK]/random/kept split of the encoder input agree with
+    the per-sample reference on the same block (whole generator, not only the word draw)."""
+    rng = random.Random(4)
+    ids = synthetic_block([1, 3, 1, 2, 1, 1, 4, 1, 2, 1, 1, 3, 1], rng)
+    gen = synthetic_generator()
+    repeats = 1500
+    tokens, lengths = collate_blocks([np.array(ids)] * repeats, 0, pad_to_multiple_of=None)
+    out = gen(tokens, lengths, mask_rng(2, 0, 0, "cpu"))
+    ref = reference_masks([ids] * repeats, synthetic_continuation().tolist(), 2, 3, 0, 4,
+                          gen.replacement_ids.tolist(), random.Random(8))
+    assert torch.equal(out["decoder_input_ids"], ref["decoder_input_ids"])
+    assert torch.equal(out["decoder_labels"], ref["decoder_labels"])
+    assert torch.equal(out["encoder_attention_mask"], ref["encoder_attention_mask"])
+    rates = []
+    for o in (out, ref):
+        masked = o["encoder_labels"] != -100
+        enc = o["encoder_input_ids"]
+        rates.append(torch.stack([masked.float().mean(0),
+                                  (masked & (enc == 4)).float().mean(0),
+                                  (masked & (enc != 4) & (enc != o["decoder_input_ids"])).float().mean(0)]))
+    got, want = rates
+    p = (got + want) / 2
+    assert ((got - want).abs() <= 5 * torch.sqrt(2 * p * (1 - p) / repeats) + 1e-6).all(), (got, want)
+    masked_total = float(got[0].sum()) * repeats                       # pooled over positions: sharper
+    shares_got, shares_want = got[1:].sum(1) / got[0].sum(), want[1:].sum(1) / want[0].sum()
+    p = (shares_got + shares_want) / 2
+    assert ((shares_got - shares_want).abs() <= 5 * torch.sqrt(2 * p * (1 - p) / masked_total)).all()
 
 
 def test_budget_is_filled_exactly_while_single_token_words_remain():
