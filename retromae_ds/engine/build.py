@@ -71,12 +71,15 @@ def load_data(cfg: TrainConfig, tokenizer) -> DataBundle:
 
     from retromae_ds.data.indexed import BlendedDataset, BlockSubset, IndexedDataset, check_tokenizer_matches
 
-    datasets = []
+    opened = []
     for prefix in cfg.data:
         ds = IndexedDataset(prefix)
         check_tokenizer_matches(ds.meta, tokenizer, prefix)
-        datasets.append(ds)
-    first = datasets[0]
+        opened.append(ds)
+    fingerprints = [{"prefix": str(d.prefix), "num_blocks": len(d), "num_tokens": int(d.num_tokens),
+                     "vocab_hash": d.meta["tokenizer"]["vocab_hash"]} for d in opened]
+    first = opened[0]
+    datasets = list(opened)
     heldout = []
     if cfg.eval_heldout_docs > 0:
         from retromae_ds.evaluate import heldout_blocks
@@ -91,11 +94,8 @@ def load_data(cfg: TrainConfig, tokenizer) -> DataBundle:
     else:
         weights = cfg.data_weights or [float(len(d)) for d in datasets]
         train = BlendedDataset(datasets, weights, seed=cfg.seed)
-    sizes = np.fromiter((len(train[i]) for i in range(len(train))), dtype=np.int64, count=len(train)) \
-        if not hasattr(train, "sizes") else np.asarray(train.sizes)
-    fingerprints = [{"prefix": str(d.prefix), "num_blocks": len(d), "num_tokens": int(d.num_tokens),
-                     "vocab_hash": d.meta["tokenizer"]["vocab_hash"]} for d in
-                    [IndexedDataset(p) for p in cfg.data]]
+    # IndexedDataset, BlockSubset and BlendedDataset all carry per-block sizes.
+    sizes = np.asarray(train.sizes, dtype=np.int64)
     return DataBundle(train=train, train_sizes=sizes, heldout=heldout, fingerprints=fingerprints, meta=first.meta)
 
 
