@@ -45,6 +45,10 @@ class TrainConfig:
     bow_loss_weight: float = _f(1.0, "weight of the DupMAE bag-of-words loss")
     encoder_mask_ratio: float = _f(0.3, "encoder whole-word masking ratio")
     decoder_mask_ratio: float = _f(0.5, "decoder whole-word masking ratio (per attention row)")
+    decoder_mask_pool: int = _f(128, "whole-word draws per sample that the decoder's attention rows pick from "
+                                     "(the reference's 128); 0 = one draw per row")
+    extend_positions: int = _f(0, "grow an absolute position table (BERT, XLM-R) to N positions by copying the "
+                                  "trained rows block by block (0 = keep the model's)")
     ce_chunk_size: int = _f(0, "rows per chunk for the vocabulary projection + cross-entropy (0 = no chunking)")
     # --- optimisation -----------------------------------------------------------------------
     micro_batch_size: int = _f(8, "samples per rank per forward")
@@ -189,6 +193,8 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.max_steps >= 0 and cfg.epochs >= 0, "--max-steps and --epochs must be >= 0.")
     need(0 < cfg.encoder_mask_ratio < 1 and 0 < cfg.decoder_mask_ratio < 1,
          "--encoder-mask-ratio and --decoder-mask-ratio must be in (0, 1).")
+    need(cfg.decoder_mask_pool >= 0, f"--decoder-mask-pool must be >= 0 (0 = one draw per row), got {cfg.decoder_mask_pool}.")
+    need(cfg.extend_positions >= 0, f"--extend-positions must be >= 0, got {cfg.extend_positions}.")
     need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}.")
     need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}.")
     need(cfg.keep_last >= 1, f"--keep-last must be >= 1, got {cfg.keep_last}.")
