@@ -1,4 +1,4 @@
-"""`retromae-ds {prepare,train,export,eval,bench,info}`.
+"""`retromae-ds {prepare,train,export,eval,bench,info,init}`.
 
 Each subcommand lives in its own module that exposes `add_arguments(parser)` and `main(args) -> int`.
 Those modules keep heavy imports (torch, deepspeed, datasets) inside functions so that `--help`
@@ -19,7 +19,8 @@ COMMANDS = {
     "export": ("retromae_ds.engine.export", "turn a checkpoint into a Hugging Face encoder folder"),
     "eval": ("retromae_ds.evaluate", "zero-shot similarity / retrieval quality of the [CLS] embedding"),
     "bench": ("retromae_ds.bench", "run the benchmarks in bench/ and print JSON"),
-    "info": ("retromae_ds.info", "describe a prepared dataset, a checkpoint or the environment"),
+    "info": ("retromae_ds.info", "describe a prepared dataset, a checkpoint (and verify it) or the environment"),
+    "init": ("retromae_ds.scaffold", "write editable copies of the DeepSpeed configs and the SLURM script"),
 }
 
 

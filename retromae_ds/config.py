@@ -86,6 +86,8 @@ class TrainConfig:
     deepspeed: str = _f("ds_configs/zero2.json", "DeepSpeed JSON; its \"auto\" fields are filled from this config")
     # Test hook, hidden from --help: make the loss non-finite at these steps.
     inject_nonfinite_steps: list = _f([], argparse.SUPPRESS)
+    # ... only in this micro-batch of those steps (-1 = every micro-batch).
+    inject_nonfinite_micro: int = _f(-1, argparse.SUPPRESS)
 
     # Names the user set explicitly (YAML or CLI); not a flag.
     explicit: set = field(default_factory=set, metadata={"internal": True})
@@ -229,10 +231,11 @@ def parse_time_budget(text: str) -> float | None:
 # ------------------------------------------------------------------------------------------------
 
 def load_deepspeed_json(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--deepspeed {path}: no such file. Use one of ds_configs/zero2.json, zero3.json, "
-                        f"zero3_offload.json or your own DeepSpeed JSON.")
+    p = find_deepspeed_json(path)
+    if p is None:
+        raise UserError(f"--deepspeed {path}: no such file. Use one of the bundled configs "
+                        f"({', '.join(n[:-5] for n in BUNDLED_DS_CONFIGS)}, e.g. --deepspeed zero2), "
+                        f"`retromae-ds init DIR` to write editable copies, or your own DeepSpeed JSON.")
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError as err:
@@ -300,10 +303,14 @@ def resolve_deepspeed_config(ds: dict[str, Any], cfg: TrainConfig, *, world_size
         for i, name in enumerate(("adam_beta1", "adam_beta2")):
             settle({"b": betas[i]}, "b", name, getattr(cfg, name), f"optimizer.params.betas[{i}]")
         params["betas"] = [cfg.adam_beta1, cfg.adam_beta2]
+    offloaded = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
     if opt.get("type", "").lower() in ("adam", "adamw") and "torch_adam" not in params:
-        # torch's AdamW (multi-tensor on GPUs) needs no JIT build; DeepSpeed's FusedAdam compiles for
-        # about a minute at first use (and cannot on CPU). "torch_adam": false in the JSON opts back in.
-        params["torch_adam"] = True
+        # On the device, torch's AdamW (multi-tensor on GPUs) needs no JIT build, while DeepSpeed's
+        # FusedAdam compiles for about a minute at first use (and cannot on CPU). With the optimizer
+        # offloaded the step runs on the host, where DeepSpeed's CPU Adam (AVX, one JIT build cached
+        # under TORCH_EXTENSIONS_DIR) is several times faster than torch's AdamW. The JSON's
+        # "torch_adam" wins either way.
+        params["torch_adam"] = not offloaded
 
     for key, want in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
         section = ds.setdefault(key, {})
@@ -317,6 +324,9 @@ def resolve_deepspeed_config(ds: dict[str, Any], cfg: TrainConfig, *, world_size
             raise UserError(f"{source}: `{key}.enabled` = {enabled} but precision resolved to {precision} on this "
                             f"device; set `{key}.enabled` to \"auto\" or pass --precision explicitly.")
 
+    if precision == "bf16":
+        _settle_bf16_numerics(ds, source)
+
     zero = ds.get("zero_optimization", {})
     for key, value in list(zero.items()):
         if value == "auto":
@@ -326,9 +336,46 @@ def resolve_deepspeed_config(ds: dict[str, Any], cfg: TrainConfig, *, world_size
     return ds
 
 
-def default_ds_config_path() -> str:
-    here = Path(__file__).resolve().parent.parent / "ds_configs" / "zero2.json"
-    return str(here) if here.exists() else "ds_configs/zero2.json"
+def _settle_bf16_numerics(ds: dict[str, Any], source: str) -> None:
+    """bf16 runs: skip steps with NaN/inf gradients, and accumulate and reduce gradients in fp32.
+
+    - `bf16.check_grad_overflow`: DeepSpeed releases before mid-2026 default it to false, and then
+      ZeRO-2 bf16 *applies* NaN/inf gradients (weights become NaN). We set it, and refuse a JSON that
+      turns it off: the trainer's skip-and-count logic relies on it.
+    - `data_types.grad_accum_dtype` and `communication_data_type` = fp32 (the JSON may choose
+      otherwise): bf16 keeps 8 bits of mantissa, so summing 64 ranks x 8 micro-batches of bf16 partial
+      gradients loses the small contributions (each addition rounds to ~3 significant digits). fp32
+      accumulation costs one fp32 gradient buffer (4 bytes/param, partitioned under ZeRO-2/3) and
+      doubles the bytes of the gradient reduce-scatter; the GPU check measures what that costs.
+    """
+    bf16 = ds.setdefault("bf16", {})
+    if bf16.get("check_grad_overflow", True) is False:
+        raise UserError(f"{source}: `bf16.check_grad_overflow` is false, which lets DeepSpeed apply NaN/inf "
+                        f"gradients to the weights; remove the key (the trainer turns it on).")
+    bf16["check_grad_overflow"] = True
+    ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    ds.setdefault("communication_data_type", "fp32")
+
+
+BUNDLED_DS_CONFIGS = ("zero1.json", "zero2.json", "zero3.json", "zero3_offload.json")
+
+
+def bundled_ds_config_dir() -> Path:
+    """The DeepSpeed JSONs shipped inside the package (a wheel install has no ds_configs/ folder)."""
+    return Path(__file__).resolve().parent / "ds_configs"
+
+
+def find_deepspeed_json(path: str) -> Path | None:
+    """The file --deepspeed names: the path itself, else a bundled config of that name
+    (`ds_configs/zero2.json`, `zero2.json` or `zero2`), so a run outside a clone finds the defaults."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    name = p.name if p.suffix == ".json" else p.name + ".json"
+    bundled = bundled_ds_config_dir() / name
+    if name in BUNDLED_DS_CONFIGS and bundled.is_file() and (len(p.parts) == 1 or p.parent.name == "ds_configs"):
+        return bundled
+    return None
 
 
 def env_int(name: str, default: int) -> int:

@@ -1,4 +1,6 @@
-"""Describe a prepared dataset (PREFIX), a run/checkpoint folder, or (no argument) the environment."""
+"""Describe a prepared dataset (PREFIX), a run/checkpoint folder, or (no argument) the environment.
+
+For a checkpoint folder it also verifies every file against the manifest (exit 1 when damaged)."""
 
 from __future__ import annotations
 
@@ -29,14 +31,19 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         return 0
     if p.is_dir():
-        from retromae_ds.engine.checkpoint import complete_checkpoints, incomplete_checkpoints, read_marker
+        from retromae_ds.engine.checkpoint import complete_checkpoints, incomplete_checkpoints, read_marker, verify
 
         if (p / "COMPLETE").exists():
-            print(json.dumps(read_marker(p), indent=1))
-            return 0
+            marker = read_marker(p) or {}
+            result = verify(p)
+            marker.pop("files", None)  # one line per file: the verification below summarises them
+            marker["verification"] = {"ok": result.ok, "summary": result.summary(), "problems": result.problems}
+            print(json.dumps(marker, indent=1))
+            return 0 if result.ok else 1
         done, partial = complete_checkpoints(p), incomplete_checkpoints(p)
+        damaged = sorted(str(d) for d in (p / "checkpoints").glob("step_*.damaged*")) if (p / "checkpoints").is_dir() else []
         print(json.dumps({"complete": [str(c) for c in done], "incomplete": [str(c) for c in partial],
-                          "newest": str(done[-1]) if done else None}, indent=1))
+                          "damaged_set_aside": damaged, "newest": str(done[-1]) if done else None}, indent=1))
         return 0
     raise UserError(f"{args.path}: not a dataset prefix (no {args.path}.idx), run folder or checkpoint.")
 

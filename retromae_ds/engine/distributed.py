@@ -68,14 +68,35 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, min(local_world, int(os.environ["WORLD_SIZE"])))))
         device = torch.device("cpu")
     else:
-        accel.set_device(local_rank)
-        device = torch.device(accel.device_name(local_rank))
+        index = device_index(local_rank, accel.device_count())
+        accel.set_device(index)
+        device = torch.device(accel.device_name(index))
     quiet_libraries()
     deepspeed.init_distributed(dist_init_required=True, verbose=False)
     import torch.distributed as dist
 
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     local_world_size=local_world, device=device, device_type=device_type)
+
+
+def device_index(local_rank: int, device_count: int) -> int:
+    """The accelerator a rank drives: LOCAL_RANK modulo the devices this process can see.
+
+    Why modulo: under `srun --gpus-per-task=1`, `--gpu-bind=closest` or a site default that binds GPUs
+    per task, each task sees exactly ONE device (index 0) while LOCAL_RANK still counts the tasks of the
+    node; `set_device(LOCAL_RANK)` would fail with "invalid device ordinal". With all GPUs visible (the
+    deepspeed/torchrun launchers) the modulo is the identity."""
+    if device_count < 1:
+        raise RuntimeError("no accelerator device is visible to this process (check CUDA_VISIBLE_DEVICES "
+                           "and the job's GPU binding).")
+    return local_rank % device_count
+
+
+def native_bf16(device_type: str, capability: tuple[int, int] | None) -> bool:
+    """bf16 in hardware: CUDA compute capability 8.0+ (A100, H100, RTX 30xx+). Not
+    `torch.cuda.is_bf16_supported()`, which also says yes on V100/T4, where bf16 is emulated and runs
+    several times slower than fp16."""
+    return device_type == "cuda" and capability is not None and tuple(capability) >= (8, 0)
 
 
 def quiet_libraries() -> None:
@@ -117,3 +138,25 @@ def all_reduce_sum(values: list[float], device) -> list[float]:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a small picklable object, on every rank (one rank decides, all follow)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's value of a small picklable object, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

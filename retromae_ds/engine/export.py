@@ -76,14 +76,22 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     model, tokenizer, settings, path = load_checkpoint_model(checkpoint)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.encoder.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_sentence_transformers_files(tmp, hidden=model.lm.config.hidden_size,
-                                      max_seq_len=int(settings.get("max_seq_len") or 512))
-    model.save_pretrained(tmp / "retromae")
-    tokenizer.save_pretrained(tmp / "retromae")
-    (tmp / "retromae" / "exported_from.json").write_text(json.dumps({"checkpoint": str(path.resolve())}))
+    try:
+        tmp.mkdir(parents=True)
+        model.encoder.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_sentence_transformers_files(tmp, hidden=model.lm.config.hidden_size,
+                                          max_seq_len=int(settings.get("max_seq_len") or 512))
+        model.save_pretrained(tmp / "retromae")
+        tokenizer.save_pretrained(tmp / "retromae")
+        (tmp / "retromae" / "exported_from.json").write_text(json.dumps({"checkpoint": str(path.resolve())}))
+    except (OSError, RuntimeError) as err:  # disk full, quota, permissions; safetensors reports as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(out.parent if out.parent.exists() else Path(".")).free
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise UserError(f"{out}: writing the exported model failed ({reason}); {free:,} bytes are free there. "
+                        f"Nothing was written (the temporary folder {tmp} was removed). Free space or choose "
+                        f"another OUT_DIR, then run export again.") from None
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

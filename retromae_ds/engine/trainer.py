@@ -29,7 +29,9 @@ from retromae_ds import config as config_mod
 from retromae_ds.config import TrainConfig
 from retromae_ds.errors import UserError
 
-EXIT_NONFINITE = 3
+# Exit codes (besides 0 = finished or stopped cleanly on a signal / time budget, 2 = a usage or data error):
+EXIT_NONFINITE = 3  # --max-nonfinite-steps consecutive NaN/inf steps
+EXIT_SAVE_FAILED = 4  # a checkpoint could not be written (disk full, quota, I/O error); earlier ones are intact
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +81,14 @@ class StopRequest:
         self.signal = signum
 
 
+class SaveFailed(Exception):
+    """A checkpoint could not be written on some rank (disk full, quota, I/O error); every rank raises it."""
+
+    def __init__(self, path, errors: list[tuple[str, str]]):
+        super().__init__(f"{path}: {errors}")
+        self.path, self.errors = path, errors
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, local_rank_arg: int | None = None):
         self.cfg = cfg
@@ -88,7 +98,8 @@ class Trainer:
     def train(self) -> int:
         cfg = self.cfg
         stop = StopRequest()
-        from retromae_ds.engine.distributed import all_reduce_max, all_reduce_sum, barrier, init_distributed
+        from retromae_ds.engine.distributed import (all_gather_object, all_reduce_max, all_reduce_sum, barrier,
+                                                    broadcast_object, init_distributed, native_bf16)
 
         dist = init_distributed(self.local_rank_arg)
         self.dist = dist
@@ -106,9 +117,9 @@ class Trainer:
         from retromae_ds.data.masking import MaskGenerator, collate_blocks, continuation_table, mask_rng
         from retromae_ds.data.sampler import GlobalBatchSampler, micro_batch_indices
         from retromae_ds.engine import checkpoint as ckpt
-        from retromae_ds.engine.build import (build_model, load_data, load_tokenizer, param_groups,
+        from retromae_ds.engine.build import (build_model, count_params, load_data, load_tokenizer, param_groups,
                                               resolve_max_seq_len, write_model_files)
-        from retromae_ds.engine.schedule import lr_at, warmup_steps
+        from retromae_ds.engine.schedule import lr_at, plan_schedule
         from retromae_ds.monitor import MetricsLogger, ProgressBar, Throughput
 
         out_dir = Path(cfg.output_dir)
@@ -125,31 +136,31 @@ class Trainer:
         world = dist.world_size
 
         # --- DeepSpeed ------------------------------------------------------------------------------
-        bf16_ok = dist.device_type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = config_mod.resolve_precision(cfg, dist.device_type, bf16_ok)
+        capability = torch.cuda.get_device_capability(dist.device) if dist.device_type == "cuda" else None
+        precision = config_mod.resolve_precision(cfg, dist.device_type, native_bf16(dist.device_type, capability))
         ds_config = config_mod.resolve_deepspeed_config(
             config_mod.load_deepspeed_json(cfg.deepspeed), cfg, world_size=world, precision=precision,
             source=f"--deepspeed {cfg.deepspeed}")
         global_batch = cfg.micro_batch_size * cfg.grad_accum * world  # after the JSON may have set them
 
-        total_steps = cfg.max_steps or math.ceil(cfg.epochs * n_train / global_batch)
-        if total_steps <= 0:
-            raise UserError("nothing to train: give --max-steps N or --epochs E (> 0).")
-        warmup = warmup_steps(cfg.warmup, total_steps)
-
-        resume_from = ckpt.resolve_resume(cfg.resume, out_dir)
+        # --- what to resume from: rank 0 decides (and sets damaged checkpoints aside), all follow ----
+        resume_from = self._agree_on_resume(out_dir, broadcast_object, all_gather_object)
         resume_info = ckpt.read_marker(resume_from) if resume_from else None
+        client = resume_info["client_state"] if resume_info else {}
         reshard = bool(resume_info) and int(resume_info["world_size"]) != world
+        sched = plan_schedule(max_steps=cfg.max_steps, epochs=cfg.epochs, warmup=cfg.warmup, num_samples=n_train,
+                              batch=_schedule_batch(client) or global_batch)
+        if sched.total_steps <= 0:
+            raise UserError("nothing to train: give --max-steps N or --epochs E (> 0).")
         if reshard:
             # ZeRO partitions are per-rank: with a new world size, start from the consolidated fp32
-            # weights; Adam moments restart. The data position carries over exactly.
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state = get_fp32_state_dict_from_zero_checkpoint(str(resume_from.parent), tag=resume_from.name)
-            model.load_state_dict(state, strict=True)
+            # weights (read once, by rank 0, then broadcast); Adam moments restart.
+            self._load_consolidated_weights(model, resume_from)
 
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
                                                config=ds_config)
+        saver = ckpt.ManifestingCheckpointEngine(engine.checkpoint_engine)
+        engine.checkpoint_engine = saver
         device = engine.device
         pad_id = tokenizer.pad_token_id
         masker = MaskGenerator(continuation_table(tokenizer), cls_id=tokenizer.cls_token_id,
@@ -159,52 +170,94 @@ class Trainer:
                                decoder_mask_ratio=cfg.decoder_mask_ratio).to(device)
         sampler = GlobalBatchSampler(n_train, seed=cfg.seed)
 
-        step, skipped_total, tokens_seen = 0, 0, 0
+        step, skipped_total, tokens_seen, rewarm_from = 0, 0, 0, None
         if dist.is_main:
             ckpt.remove_incomplete(out_dir)
         barrier()
         if resume_from is not None:
             if not reshard:
-                _, client = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name,
+                _, loaded = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name,
                                                    load_lr_scheduler_states=False)
-                if client is None:
+                if loaded is None:
                     raise UserError(f"{resume_from}: DeepSpeed could not load this checkpoint.")
-            client = resume_info["client_state"]
             self._check_resume_compatible(client, data.fingerprints, resume_from)
             step = int(client["step"])
             skipped_total = int(client["skipped_steps"])
             tokens_seen = int(client["tokens_seen"])
+            rewarm_from = step if reshard else client.get("rewarm_from")
             sampler.load_state_dict(client["sampler"])
             if dist.is_main:
-                note = " (new world size: weights restored, optimizer moments reset)" if reshard else ""
+                note = (f" (new world size: weights restored, optimizer moments reset, LR re-warmed over "
+                        f"{sched.rewarm_steps()} steps)") if reshard else ""
                 print(f"[retromae-ds] resumed from {resume_from} at step {step}{note}", flush=True)
 
+        def steps_left() -> int:
+            return max(0, math.ceil((sched.end_samples - sampler.total_consumed) / global_batch))
+
+        total_steps = step + steps_left()
         logger = MetricsLogger(out_dir, cfg.tensorboard_dir or None, enabled=dist.is_main, resume_step=step)
         meter = Throughput(model_config=model.lm.config, objective=cfg.objective, device=device,
                            dtype=precision, world_size=world, peak_tflops=cfg.peak_tflops or None)
         bar = ProgressBar(total_steps, initial_step=step, enabled=dist.is_main)
         if dist.is_main and step == 0:
             self._print_banner(model, ds_config, total_steps, global_batch, n_train, precision, world)
+        run_facts = {"precision": precision, "zero_stage": engine.zero_optimization_stage(),
+                     "grad_accum_dtype": str(engine.get_data_types()[1]).replace("torch.", ""),
+                     "communication_dtype": str(engine.communication_data_type).replace("torch.", ""),
+                     "optimizer": type(engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer")
+                                       else engine.optimizer).__name__,
+                     "activation_checkpointing": bool(model.is_gradient_checkpointing
+                                                     and getattr(model.lm, "is_gradient_checkpointing", True))}
 
-        def save(tag_step: int, reason: str) -> Path:
+        def save(tag_step: int, reason: str, prune: bool = True) -> Path:
+            """Every rank writes its part; the failure of any rank is everyone's (SaveFailed), the partial
+            folder goes, earlier checkpoints stay. Rank 0 writes the manifest, then the marker, last."""
             path = ckpt.checkpoint_root(out_dir) / ckpt.tag_for(tag_step)
             client_state = {"step": tag_step, "skipped_steps": skipped_total, "tokens_seen": tokens_seen,
                             "sampler": sampler.state_dict(), "config": cfg.to_dict(),
-                            "data": data.fingerprints, "world_size": world}
+                            "data": data.fingerprints, "world_size": world, "schedule_batch": sched.batch,
+                            "rewarm_from": rewarm_from}
+            if dist.is_main:
+                self._warn_if_low_space(out_dir, count_params(model))
+            saver.start()
             barrier()
             engine.save_checkpoint(str(path.parent), tag=path.name, client_state=client_state, save_latest=False)
-            if dist.is_main:
-                write_model_files(engine.module, tokenizer, cfg, path / "model_config")
-            barrier()
-            if dist.is_main:
-                ckpt.write_marker(path, {"step": tag_step, "world_size": world, "reason": reason,
-                                         "zero_stage": engine.zero_optimization_stage(), "client_state": client_state})
+            errors = list(saver.errors)
+            if dist.is_main and not errors:
+                try:
+                    write_model_files(engine.module, tokenizer, cfg, path / "model_config")
+                except OSError as err:
+                    errors.append((str(path / "model_config"), ckpt._describe(err)))
+            reports = all_gather_object((errors, saver.written))
+            errors = [e for errs, _ in reports for e in errs]
+            if dist.is_main and not errors:
+                written = {k: v for _, w in reports for k, v in w.items()}
+                try:
+                    ckpt.fsync_tree(path)
+                    ckpt.write_marker(path, {"step": tag_step, "world_size": world, "reason": reason, **run_facts,
+                                             "client_state": client_state, "hash": ckpt.HASH_NAME,
+                                             "files": ckpt.build_manifest(path, written)})
+                except OSError as err:
+                    errors.append((str(path / ckpt.MARKER), ckpt._describe(err)))
+            errors = broadcast_object(errors)
+            if errors:
+                if dist.is_main:
+                    ckpt.remove_checkpoint(path)
+                barrier()
+                raise SaveFailed(path, errors)
+            if dist.is_main and prune:
                 ckpt.prune(out_dir, cfg.keep_last)
             barrier()
             return path
 
         def evaluate() -> dict:
             return self._evaluate(engine.module, tokenizer, data.heldout, device)
+
+        def stop_flags() -> tuple[bool, bool]:
+            """(signal, out of time), agreed by all ranks: one rank's SIGTERM stops everyone."""
+            got, late = all_reduce_max([float(stop.signal != 0),
+                                        float(budget is not None and time.monotonic() - start > budget)], device)
+            return bool(got), bool(late)
 
         # --- the loop -------------------------------------------------------------------------------
         budget = config_mod.parse_time_budget(cfg.time_budget)
@@ -219,103 +272,113 @@ class Trainer:
         if cfg.eval_interval and step == 0:
             logger.log(0, evaluate(), kind="eval")  # the starting point, to compare against
         engine.train()
-        while step < total_steps:
-            t0 = time.monotonic()
-            lr = lr_at(step, peak_lr=cfg.lr, total_steps=total_steps, warmup=warmup,
-                       schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            batch_idx = sampler.next_global_batch(global_batch)
-            step_tokens = int(sizes[batch_idx].sum())
-            data_wait = 0.0
-            for k in range(cfg.grad_accum):
-                t_data = time.monotonic()
-                micro = micro_batch_indices(batch_idx, cfg.micro_batch_size, world, dist.rank, k)
-                tokens, lengths = collate_blocks([data.train[int(i)][:block_cap] for i in micro], pad_id,
-                                                max_tokens=block_cap)
-                micro_no = k * world + dist.rank
-                batch = masker(tokens.to(device, non_blocking=True), lengths.to(device, non_blocking=True),
-                               mask_rng(cfg.seed, step, micro_no, device))
-                data_wait += time.monotonic() - t_data
-                torch.manual_seed(mix_seed(cfg.seed, step, micro_no, 1))  # dropout: same for any resume
-                out = engine(**batch)
-                loss = out.loss
-                if step in cfg.inject_nonfinite_steps:
-                    loss = loss * float("nan")
-                engine.backward(loss)
-                engine.step()
-                with torch.no_grad():
-                    parts = [out.loss, out.encoder_loss,
-                             out.decoder_loss if out.decoder_loss is not None else out.loss.new_zeros(()),
-                             out.bow_loss if out.bow_loss is not None else out.loss.new_zeros(())]
-                    loss_sum += torch.stack([p.detach().double() for p in parts])
-                    if out.encoder_accuracy is not None:
-                        acc_sum += out.encoder_accuracy.detach().double()
-                n_micro += 1
-            loss_value = float(loss.detach())
-            applied = engine.was_step_applied() and math.isfinite(loss_value)
-            step += 1
-            tokens_seen += step_tokens
-            flags = [float(stop.signal != 0), float(budget is not None and time.monotonic() - start > budget),
-                     float(not applied)]
-            got_signal, out_of_time, bad = all_reduce_max(flags, device)
-            if bad:
-                skipped_total += 1
-                consecutive_bad += 1
-            else:
-                consecutive_bad = 0
-            meter.update(step_time=time.monotonic() - t0, data_wait=data_wait, tokens=step_tokens,
-                         samples=global_batch, seq_len=cfg.max_seq_len)
+        try:
+            while steps_left() > 0:
+                t0 = time.monotonic()
+                lr = lr_at(sched.position(sampler.total_consumed), peak_lr=cfg.lr, total_steps=sched.total_steps,
+                           warmup=sched.warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+                if rewarm_from is not None and sched.rewarm_steps():
+                    lr *= min(1.0, (step - rewarm_from + 1) / sched.rewarm_steps())
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                batch_idx = sampler.next_global_batch(global_batch)
+                step_tokens = int(sizes[batch_idx].sum())
+                data_wait = 0.0
+                nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any micro-batch's loss
+                for k in range(cfg.grad_accum):
+                    t_data = time.monotonic()
+                    micro = micro_batch_indices(batch_idx, cfg.micro_batch_size, world, dist.rank, k)
+                    tokens, lengths = collate_blocks([data.train[int(i)][:block_cap] for i in micro], pad_id,
+                                                    max_tokens=block_cap)
+                    micro_no = k * world + dist.rank
+                    batch = masker(tokens.to(device, non_blocking=True), lengths.to(device, non_blocking=True),
+                                   mask_rng(cfg.seed, step, micro_no, device))
+                    data_wait += time.monotonic() - t_data
+                    torch.manual_seed(mix_seed(cfg.seed, step, micro_no, 1))  # dropout: same for any resume
+                    out = engine(**batch)
+                    loss = out.loss
+                    if step in cfg.inject_nonfinite_steps and cfg.inject_nonfinite_micro in (-1, k):
+                        loss = loss * float("nan")
+                    nonfinite |= ~torch.isfinite(loss.detach())
+                    engine.backward(loss)
+                    engine.step()
+                    with torch.no_grad():
+                        parts = [out.loss, out.encoder_loss,
+                                 out.decoder_loss if out.decoder_loss is not None else out.loss.new_zeros(()),
+                                 out.bow_loss if out.bow_loss is not None else out.loss.new_zeros(())]
+                        loss_sum += torch.stack([p.detach().double() for p in parts])
+                        if out.encoder_accuracy is not None:
+                            acc_sum += out.encoder_accuracy.detach().double()
+                    n_micro += 1
+                step += 1
+                tokens_seen += step_tokens
+                bad_here = bool(nonfinite) or not engine.was_step_applied()
+                got_signal, out_of_time, bad = (bool(f) for f in all_reduce_max(
+                    [float(stop.signal != 0), float(budget is not None and time.monotonic() - start > budget),
+                     float(bad_here)], device))
+                if bad:
+                    skipped_total += 1
+                    consecutive_bad += 1
+                else:
+                    consecutive_bad = 0
+                meter.update(step_time=time.monotonic() - t0, data_wait=data_wait, tokens=step_tokens,
+                             samples=global_batch, seq_len=cfg.max_seq_len)
+                finished = steps_left() == 0
 
-            if step % cfg.log_interval == 0 or step == total_steps:
-                sums = all_reduce_sum(loss_sum.tolist() + [float(acc_sum), float(n_micro)], device)
-                count = max(1.0, sums[-1])
-                metrics = {"loss": sums[0] / count, "encoder_loss": sums[1] / count,
-                           "decoder_loss": sums[2] / count, "encoder_accuracy": sums[4] / count,
-                           "lr": lr, "grad_norm": _grad_norm(engine), "skipped_steps": skipped_total,
-                           "tokens_seen": tokens_seen, "epoch": sampler.epoch}
-                if cfg.objective == "mlm":
-                    metrics["decoder_loss"] = float("nan")  # no decoder: null in metrics.jsonl
-                if cfg.objective == "dupmae":
-                    metrics["bow_loss"] = sums[3] / count
-                if precision == "fp16":
-                    metrics["loss_scale"] = float(getattr(engine.optimizer, "cur_scale",
-                                                          getattr(engine.optimizer, "loss_scale", 0.0)))
-                metrics.update(meter.summary())
-                logger.log(step, metrics)
-                bar.update(step, metrics)
-                loss_sum.zero_()
-                acc_sum.zero_()
-                n_micro = 0
-            else:
-                bar.update(step, None)
+                if step % cfg.log_interval == 0 or finished:
+                    sums = all_reduce_sum(loss_sum.tolist() + [float(acc_sum), float(n_micro)], device)
+                    count = max(1.0, sums[-1])
+                    metrics = {"loss": sums[0] / count, "encoder_loss": sums[1] / count,
+                               "decoder_loss": sums[2] / count, "encoder_accuracy": sums[4] / count,
+                               "lr": lr, "grad_norm": _grad_norm(engine), "skipped_steps": skipped_total,
+                               "tokens_seen": tokens_seen, "samples_seen": sampler.total_consumed,
+                               "epoch": sampler.epoch}
+                    if cfg.objective == "mlm":
+                        metrics["decoder_loss"] = float("nan")  # no decoder: null in metrics.jsonl
+                    if cfg.objective == "dupmae":
+                        metrics["bow_loss"] = sums[3] / count
+                    if precision == "fp16":
+                        metrics["loss_scale"] = float(getattr(engine.optimizer, "cur_scale",
+                                                              getattr(engine.optimizer, "loss_scale", 0.0)))
+                    metrics.update(meter.summary())
+                    logger.log(step, metrics)
+                    bar.update(step, metrics)
+                    loss_sum.zero_()
+                    acc_sum.zero_()
+                    n_micro = 0
+                else:
+                    bar.update(step, None)
 
-            if consecutive_bad >= cfg.max_nonfinite_steps:
-                exit_code, reason = EXIT_NONFINITE, "non-finite"
-                break
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < total_steps:
-                logger.log(step, evaluate(), kind="eval")
-            if cfg.save_interval and step % cfg.save_interval == 0 and step < total_steps:
-                save(step, "interval")
-                last_saved = step
-            if got_signal or out_of_time:
-                reason = "signal" if got_signal else "time-budget"
-                break
+                if consecutive_bad >= cfg.max_nonfinite_steps:
+                    exit_code, reason = EXIT_NONFINITE, "non-finite"
+                    break
+                paused = False  # an evaluation or save ran: a signal may have arrived meanwhile
+                if cfg.eval_interval and step % cfg.eval_interval == 0 and not finished:
+                    logger.log(step, evaluate(), kind="eval")
+                    paused = True
+                if cfg.save_interval and step % cfg.save_interval == 0 and not finished:
+                    save(step, "interval")
+                    last_saved = step
+                    paused = True
+                if paused and not (got_signal or out_of_time):
+                    got_signal, out_of_time = stop_flags()
+                if got_signal or out_of_time:
+                    reason = "signal" if got_signal else "time-budget"
+                    break
 
-        # --- the end ------------------------------------------------------------------------------
-        bar.close()
-        if last_saved != step:
-            path = save(step, reason)
-        else:
-            path = ckpt.checkpoint_root(out_dir) / ckpt.tag_for(step)
-        if exit_code == EXIT_NONFINITE:
-            if dist.is_main:
-                print(f"pretrain: error: {consecutive_bad} consecutive steps had a NaN/inf loss or gradient "
-                      f"(last at step {step}); stopped. The checkpoint {path} holds the last good weights "
-                      f"(skipped steps do not change them). Lower --lr, raise --warmup, use --precision bf16 "
-                      f"instead of fp16, or check the data.", file=sys.stderr, flush=True)
+            # --- the end ------------------------------------------------------------------------------
+            bar.close()
+            if exit_code == EXIT_NONFINITE:
+                return self._stop_nonfinite(engine, save, step, consecutive_bad, out_dir, last_saved, logger,
+                                            device, all_reduce_max)
+            path = save(step, reason) if last_saved != step else ckpt.checkpoint_root(out_dir) / ckpt.tag_for(step)
+        except SaveFailed as failed:
+            bar.close()
             logger.close()
-            return exit_code
+            if dist.is_main:
+                print(f"pretrain: error: {self._save_failure_message(failed, out_dir, count_params(model))}",
+                      file=sys.stderr, flush=True)
+            return EXIT_SAVE_FAILED
         if reason in ("signal", "time-budget"):
             if dist.is_main:
                 print(f"[retromae-ds] stopped on {reason} at step {step}/{total_steps}; checkpoint {path}. "
@@ -337,6 +400,118 @@ class Trainer:
             print(f"[retromae-ds] done: {step} steps, {skipped_total} skipped. {shown}", flush=True)
         logger.close()
         return 0
+
+    # ----------------------------------------------------------------------------------------------
+    def _agree_on_resume(self, out_dir: Path, broadcast_object, all_gather_object) -> Path | None:
+        """Rank 0 resolves --resume (verifying, setting damaged checkpoints aside) and tells the others;
+        each rank then checks that it sees that checkpoint. Ranks that resolved on their own could load
+        different steps from a node-local or lagging --output-dir and mix ZeRO partitions."""
+        import socket
+
+        from retromae_ds.engine import checkpoint as ckpt
+
+        cfg = self.cfg
+        choice, error = None, None
+        if self.dist.is_main:
+            try:
+                found = ckpt.resolve_resume(cfg.resume, out_dir)
+                if found is not None:  # auto: a tag inside each rank's own --output-dir; PATH: the path
+                    choice = found.name if cfg.resume == "auto" else str(found.resolve())
+            except UserError as err:
+                error = str(err)
+        choice, error = broadcast_object((choice, error))
+        if error:
+            raise UserError(error)
+        if choice is None:
+            return None
+        path = ckpt.checkpoint_root(out_dir) / choice if cfg.resume == "auto" else Path(choice)
+        views = all_gather_object((socket.gethostname(), (path / ckpt.MARKER).is_file(), str(path.resolve())))
+        blind = [f"rank {r} on {host} does not see {where}/{ckpt.MARKER}"
+                 for r, (host, sees, where) in enumerate(views) if not sees]
+        if blind:
+            raise UserError(f"rank 0 resumes from {choice}, but " + "; ".join(blind) + ". Every rank must see the "
+                            f"same --output-dir: put it on a filesystem shared by all nodes.")
+        return path
+
+    def _load_consolidated_weights(self, model, checkpoint: Path) -> None:
+        """Rank 0 consolidates the fp32 weights of a ZeRO checkpoint and broadcasts them: one read of
+        every partition instead of one per rank (at 64 ranks, 64x the I/O and host memory)."""
+        import torch
+        import torch.distributed as tdist
+
+        if self.dist.is_main:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+            model.load_state_dict(state, strict=True)
+            del state
+        if tdist.is_initialized() and tdist.get_world_size() > 1:
+            with torch.no_grad():
+                for tensor in model.state_dict().values():  # tied weights: the same storage twice, harmless
+                    buf = tensor.to(self.dist.device)
+                    tdist.broadcast(buf, src=0)
+                    tensor.copy_(buf)
+
+    def _stop_nonfinite(self, engine, save, step, consecutive_bad, out_dir, last_saved, logger, device,
+                        all_reduce_max) -> int:
+        """Too many NaN/inf steps in a row. Skipped steps leave the weights as they were, but a DeepSpeed
+        that applied a bad gradient would not: save only weights that are finite everywhere, and never
+        prune at this exit, so the last good checkpoint survives whatever happened."""
+        from retromae_ds.engine import checkpoint as ckpt
+
+        finite = not all_reduce_max([0.0 if _weights_finite(engine) else 1.0], device)[0]
+        if finite and last_saved != step:
+            path = save(step, "non-finite", prune=False)
+            held = f"The checkpoint {path} holds the weights after the last good step (skipped steps do not change them)."
+        else:
+            good = [p for p in ckpt.complete_checkpoints(out_dir) if ckpt.verify(p, full=False).ok]
+            where = good[-1] if good else None
+            held = ("The weights are no longer finite, so nothing was saved; " if not finite else "") + \
+                (f"the last good checkpoint is {where}." if where else "there is no earlier checkpoint.")
+        if self.dist.is_main:
+            print(f"pretrain: error: {consecutive_bad} consecutive steps had a NaN/inf loss or gradient "
+                  f"(last at step {step}); stopped. {held} Lower --lr, raise --warmup, use --precision bf16 "
+                  f"instead of fp16, or check the data.", file=sys.stderr, flush=True)
+        logger.close()
+        return EXIT_NONFINITE
+
+    def _warn_if_low_space(self, out_dir: Path, n_params: int) -> None:
+        """Rank 0, before each save: warn early when the next checkpoint will not fit."""
+        import shutil
+
+        need = self._checkpoint_size_estimate(out_dir, n_params)
+        free = shutil.disk_usage(out_dir).free
+        if free < need:
+            print(f"[retromae-ds] warning: {out_dir} has {_gb(free)} free but the next checkpoint needs about "
+                  f"{_gb(need)}; it will probably fail. Free space or lower --keep-last now.", flush=True)
+
+    @staticmethod
+    def _checkpoint_size_estimate(out_dir: Path, n_params: int) -> int:
+        from retromae_ds.engine import checkpoint as ckpt
+
+        done = ckpt.complete_checkpoints(out_dir)
+        # no checkpoint yet: fp32 master weights + two Adam moments + the model's own copy, 4 bytes each
+        return ckpt.checkpoint_bytes(done[-1]) if done else 16 * n_params
+
+    def _save_failure_message(self, failed: SaveFailed, out_dir: Path, n_params: int) -> str:
+        import shutil
+
+        from retromae_ds.engine import checkpoint as ckpt
+
+        first_file, why = failed.errors[0]
+        need = self._checkpoint_size_estimate(out_dir, n_params)
+        try:
+            free = shutil.disk_usage(out_dir).free
+        except OSError:
+            free = 0
+        good = ckpt.complete_checkpoints(out_dir)
+        resume = f"resume from {good[-1]}" if good else "start from the beginning (no earlier checkpoint)"
+        return (f"saving the checkpoint {failed.path} failed: {why} while writing {first_file}"
+                f"{f' (and {len(failed.errors) - 1} more files)' if len(failed.errors) > 1 else ''}. "
+                f"The last checkpoint needed {need:,} bytes ({_gb(need)}); {free:,} bytes ({_gb(free)}) are free "
+                f"on that filesystem. The partial folder was removed and earlier checkpoints are untouched. "
+                f"Free space (or lower --keep-last, or use another --output-dir), then run the same command "
+                f"again to {resume}.")
 
     # ----------------------------------------------------------------------------------------------
     def _evaluate(self, module, tokenizer, heldout, device) -> dict:
@@ -382,3 +557,33 @@ def _grad_norm(engine) -> float:
         return float(norm) if norm is not None else float("nan")
     except (TypeError, ValueError):
         return float("nan")
+
+
+def _schedule_batch(client: dict) -> int | None:
+    """The global batch a resumed run's schedule was defined with (older checkpoints: their own batch)."""
+    if not client:
+        return None
+    if client.get("schedule_batch"):
+        return int(client["schedule_batch"])
+    old = client.get("config", {})
+    return int(old["micro_batch_size"]) * int(old["grad_accum"]) * int(client["world_size"])
+
+
+def _weights_finite(engine) -> bool:
+    """This rank's share of the weights (module parameters and fp32 master partitions) is finite."""
+    import torch
+
+    tensors = [getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else p.data
+               for p in engine.module.parameters()]
+    opt = engine.optimizer
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+        tensors += list(getattr(opt, name, None) or [])
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None and t.numel())
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+if __name__ == "__main__":  # python -m retromae_ds.engine.trainer: the entry outside a clone (no launch/)
+    sys.exit(run_cli())
