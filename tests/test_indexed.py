@@ -224,27 +224,29 @@ class Numbers:
 def test_blend_proportions_determinism_and_coverage():
     a, b, c = Numbers("a", 50), Numbers("b", 30), Numbers("c", 7)
     blend = BlendedDataset([a, b, c], [0.5, 0.3, 0.2], seed=1, size=1000)
-    items = [blend[i] for i in range(len(blend))]
+    assert len(blend) == 87 and blend.samples_per_epoch == 1000  # ids address blocks; epochs hold 1000
+    items = [blend[int(i)] for i in blend.epoch_samples(0)]
     counts = {name: sum(1 for n, _ in items if n == name) for name in "abc"}
     assert counts == {"a": 500, "b": 300, "c": 200}
     # Up-sampled c walks all 7 blocks evenly.
     c_items = [i for n, i in items if n == "c"]
     assert sorted(set(c_items)) == list(range(7))
     assert max(c_items.count(i) for i in range(7)) - min(c_items.count(i) for i in range(7)) <= 1
-    # Any prefix is mixed in proportion (within one sample per dataset).
-    first = items[:100]
-    assert abs(sum(1 for n, _ in first if n == "a") - 50) <= 1
-    assert abs(sum(1 for n, _ in first if n == "c") - 20) <= 1
     again = BlendedDataset([a, b, c], [0.5, 0.3, 0.2], seed=1, size=1000)
-    assert [again[i] for i in range(1000)] == items
+    assert [again[int(i)] for i in again.epoch_samples(0)] == items
     other = BlendedDataset([a, b, c], [0.5, 0.3, 0.2], seed=2, size=1000)
-    assert [other[i] for i in range(1000)] != items
+    assert [other[int(i)] for i in other.epoch_samples(0)] != items
+    # Positions can be asked for one by one: the same ids as the whole epoch.
+    assert blend.epoch_samples(3, [999, 0, 500]).tolist() == blend.epoch_samples(3)[[999, 0, 500]].tolist()
 
 
 def test_blend_default_size_and_errors():
     a, b = Numbers("a", 10), Numbers("b", 20)
     blend = BlendedDataset([a, b], [1, 1], seed=0)
-    assert len(blend) == 30 and blend[-1] in [(n, i) for n, d in (("a", a), ("b", b)) for i in range(len(d))]
+    assert len(blend) == 30 and blend.samples_per_epoch == 30
+    assert blend[0] == ("a", 0) and blend[10] == ("b", 0) and blend[-1] == ("b", 19)
+    with pytest.raises(IndexError):
+        blend[30]
     with pytest.raises(UserError):
         BlendedDataset([a, b], [1], seed=0)
     assert not hasattr(blend, "sizes")  # Numbers has no sizes
@@ -252,6 +254,9 @@ def test_blend_default_size_and_errors():
         BlendedDataset([a, b], [-1, 2], seed=0)
     with pytest.raises(UserError):
         BlendedDataset([a, Numbers("e", 0)], [1, 1], seed=0)
+    # A weight-0 dataset (even an empty one) gets no samples.
+    zero = BlendedDataset([a, Numbers("e", 0), b], [1, 0, 2], seed=0, size=7)
+    assert zero.counts.tolist() == [2, 0, 5] and {zero[int(i)][0] for i in zero.epoch_samples(0)} == {"a", "b"}
 
 
 def test_tokenizer_fingerprint_is_stable_across_processes(minilm_tokenizer, minilm_tokenizer_dir):
@@ -285,6 +290,6 @@ def test_blend_of_indexed_datasets_has_sizes(tmp_path):
     write_docs(tmp_path / "b", [([1, 2, 3, 4], [4]), ([5], [1])])
     a, b = IndexedDataset(str(tmp_path / "a")), IndexedDataset(str(tmp_path / "b"))
     blend = BlendedDataset([a, b], [2, 1], seed=3, size=30)
-    assert blend.sizes.tolist() == [len(blend[i]) for i in range(30)]
-    assert sorted({tuple(blend[i].tolist()) for i in range(30)}) == sorted(
+    assert blend.sizes.tolist() == [len(blend[i]) for i in range(len(blend))]
+    assert sorted({tuple(blend[int(i)].tolist()) for i in blend.epoch_samples(0)}) == sorted(
         {tuple(x) for x in expected_blocks() + [[1, 2, 3, 4], [5]]})

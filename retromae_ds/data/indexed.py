@@ -44,6 +44,7 @@ pointers and document boundaries, memory-mapped by every rank) with our own magi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import mmap
@@ -54,6 +55,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from retromae_ds.data.sampler import INT32_LIMIT, seeded_permutation
 from retromae_ds.errors import UserError
 
 FORMAT_VERSION = 1
@@ -392,14 +394,28 @@ class BlockSubset:
 
 
 class BlendedDataset:
-    """A weighted mixture of datasets with a fixed, seed-determined sample -> (dataset, block) map.
+    """Datasets mixed by weight, where every block of every dataset is reached over the epochs.
 
-    ``size`` samples (default: the sum of the lengths) are shared out in proportion to ``weights``
-    (largest remainder, so the counts are exact). Dataset k's share walks a seeded permutation of its
-    blocks, wrapping around when it is up-sampled. The shares are interleaved evenly (sample j of
-    dataset k sits at "time" (j + 0.5) / n_k), so any prefix of the mixture has the right proportions.
-    Everything depends only on (lengths, weights, seed, size). ``sizes`` (block lengths) is there when
-    every blended dataset has ``sizes``.
+    Addressing: ``blend[i]`` is block ``i`` of the datasets laid end to end (dataset k's block b is
+    ``offsets[k] + b``), and ``sizes[i]`` is its length. Both are fixed, whatever the epoch, so the
+    trainer reads and counts tokens by id as for a single dataset.
+
+    Weights decide which ids make up each epoch. An epoch has ``samples_per_epoch`` samples (``size``,
+    default: all blocks) shared out as ``counts`` in proportion to the weights (largest remainder, so
+    the counts are exact). Dataset k's share of epoch e is the next ``counts[k]`` steps of an endless
+    walk through a seeded permutation of its blocks, i.e. walk steps [e * n_k, (e + 1) * n_k) modulo
+    its length. Any ``len(dataset k)`` consecutive steps reach each of its blocks once: a down-sampled
+    dataset shows other blocks each epoch until all were seen, an up-sampled one repeats its blocks
+    evenly. (A fixed sample -> block map, the earlier design, froze the epoch's blocks: with sizes
+    100/900 and weights 0.5/0.5, 400 blocks were never trained on.)
+
+    Why the epoch goes through the sampler (:meth:`GlobalBatchSampler.for_dataset
+    <retromae_ds.data.sampler.GlobalBatchSampler.for_dataset>` calls :meth:`epoch_samples`) rather than
+    a longer virtual dataset covering several epochs: an epoch stays ``size`` samples (so ``--epochs``
+    keeps its meaning), resume stays the sampler's (epoch, consumed), and memory stays one int32
+    permutation per dataset instead of growing with the number of epochs covered. The order within an
+    epoch is the sampler's seeded permutation of the positions; positions are laid out dataset by
+    dataset (dataset 0's share first), which is the order without shuffling.
     """
 
     def __init__(self, datasets: list, weights: list[float], seed: int, size: int | None = None) -> None:
@@ -409,46 +425,75 @@ class BlendedDataset:
         w = np.asarray(weights, dtype=np.float64)
         if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise UserError(f"blend weights {list(weights)} must be non-negative numbers, not all zero.")
-        lengths = [len(d) for d in datasets]
+        lengths = np.array([len(d) for d in datasets], dtype=np.int64)
         empty = [i for i, (n, wi) in enumerate(zip(lengths, w)) if n == 0 and wi > 0]
         if empty:
             raise UserError(f"blended dataset #{empty[0]} is empty but has weight {w[empty[0]]}; "
                             f"remove it or give it weight 0.")
         self.datasets = list(datasets)
         self.weights = w / w.sum()
-        self.size = sum(lengths) if size is None else int(size)
-        if self.size < 1:
-            raise UserError(f"a blend needs at least one sample; size is {self.size}.")
-        exact = self.weights * self.size
+        self.seed = int(seed)
+        self.lengths = lengths
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # dataset k: [o[k], o[k+1])
+        self.samples_per_epoch = int(lengths.sum()) if size is None else int(size)
+        if self.samples_per_epoch < 1:
+            raise UserError(f"a blend needs at least one sample; size is {self.samples_per_epoch}.")
+        exact = self.weights * self.samples_per_epoch
         counts = np.floor(exact).astype(np.int64)
-        remainder_order = np.argsort(-(exact - counts), kind="stable")
-        counts[remainder_order[: self.size - counts.sum()]] += 1
+        remainders = np.where(w > 0, exact - counts, -1.0)  # weight 0 (maybe empty): never rounded up
+        remainder_order = np.argsort(-remainders, kind="stable")
+        counts[remainder_order[: self.samples_per_epoch - counts.sum()]] += 1
         self.counts = counts
-
-        times, dataset_ids, sample_ids = [], [], []
-        for k, (n_k, length) in enumerate(zip(counts, lengths)):
-            if n_k == 0:
-                continue
-            perm = np.random.default_rng([seed, k]).permutation(length)
-            times.append((np.arange(n_k) + 0.5) / n_k)
-            dataset_ids.append(np.full(n_k, k, np.int32))
-            sample_ids.append(perm[np.arange(n_k) % length])
-        order = np.lexsort((np.concatenate(dataset_ids), np.concatenate(times)))
-        self.dataset_index = np.concatenate(dataset_ids)[order]
-        self.sample_index = np.concatenate(sample_ids)[order]
-        if all(hasattr(d, "sizes") for d in self.datasets):  # block lengths without reading any block
-            self.sizes = np.zeros(self.size, np.int64)
-            for k, d in enumerate(self.datasets):
-                mine = self.dataset_index == k
-                self.sizes[mine] = np.asarray(d.sizes)[self.sample_index[mine]]
+        self._share_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        # Dataset k's walk: a seeded permutation of its local block ids, stored at [o[k], o[k+1]).
+        self._walk = np.zeros(int(lengths.sum()), np.int32 if lengths.max() <= INT32_LIMIT else np.int64)
+        for k, length in enumerate(lengths):
+            if counts[k]:
+                seeded_permutation([self.seed, k], int(length), out=self._walk[self.offsets[k]:self.offsets[k + 1]])
+        digest = hashlib.sha256(json.dumps({"lengths": lengths.tolist(), "counts": counts.tolist(),
+                                            "seed": self.seed}).encode()).hexdigest()[:16]
+        self.order_id = f"{len(lengths)} datasets of {lengths.tolist()} blocks x {counts.tolist()} per epoch ({digest})"
 
     def __len__(self) -> int:
-        return self.size
+        return int(self.offsets[-1])
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        i = operator.index(i)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"block {i} out of range for a blend of {n} blocks")
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return k, i - int(self.offsets[k])
 
     def __getitem__(self, i: int):
-        i = operator.index(i)
-        if i < 0:
-            i += self.size
-        if not 0 <= i < self.size:
-            raise IndexError(f"sample {i} out of range for a blend of {self.size}")
-        return self.datasets[self.dataset_index[i]][int(self.sample_index[i])]
+        k, b = self._locate(i)
+        return self.datasets[k][b]
+
+    @functools.cached_property
+    def sizes(self) -> np.ndarray:
+        """Block lengths by id (int64, as the trainer uses them), when every dataset has ``sizes``."""
+        if not all(hasattr(d, "sizes") for d in self.datasets):
+            raise AttributeError("sizes: a blended dataset has no per-block sizes")
+        sizes = np.empty(len(self), np.int64)
+        for k, d in enumerate(self.datasets):
+            sizes[self.offsets[k]:self.offsets[k + 1]] = d.sizes  # no int64 copy per dataset
+        return sizes
+
+    def epoch_samples(self, epoch: int, positions=None) -> np.ndarray:
+        """The block ids at ``positions`` (default: all, in layout order) of epoch ``epoch``.
+
+        Position p belongs to dataset k when ``share_start[k] <= p < share_start[k] + counts[k]``;
+        it is step ``epoch * counts[k] + (p - share_start[k])`` of dataset k's walk. Computed per
+        position, so a sampler asks only for the window it hands out.
+        """
+        if positions is None:
+            positions = np.arange(self.samples_per_epoch, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(positions) and (positions.min() < 0 or positions.max() >= self.samples_per_epoch):
+            raise IndexError(f"positions outside [0, {self.samples_per_epoch}) for a blend epoch")
+        k = np.searchsorted(self._share_starts, positions, side="right") - 1
+        step = int(epoch) * self.counts[k] + (positions - self._share_starts[k])
+        local = self._walk[self.offsets[k] + step % self.lengths[k]]
+        return self.offsets[k] + local

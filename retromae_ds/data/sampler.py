@@ -8,6 +8,14 @@ accumulation steps (:func:`micro_batch_indices`). So the state that resumes the 
 continues exactly where the old one stopped, whatever its rank count, and no sample is repeated or
 skipped. Epochs are never truncated: a global batch that runs past the end of an epoch takes the rest
 from the next epoch's permutation.
+
+A blend (:class:`retromae_ds.data.indexed.BlendedDataset`) decides which blocks make up each epoch
+(its weights), so the sampler asks it for the blocks at the permuted positions of that epoch:
+build the sampler with :meth:`GlobalBatchSampler.for_dataset`. The state stays (epoch, consumed).
+
+Memory: only the current epoch's permutation is held, as int32 while the count fits (4 bytes per
+sample: 400 MB at 100M samples). numpy fills an int32 array with exactly the permutation it would
+give as int64, so the order, and with it every saved position, is unchanged.
 """
 
 from __future__ import annotations
@@ -16,36 +24,82 @@ import numpy as np
 
 from retromae_ds.errors import UserError
 
+INT32_LIMIT = 2**31 - 1
+
+
+def seeded_permutation(seed, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``default_rng(seed).permutation(n)``, built in int32 when ``n`` allows (same values, half the memory).
+
+    Generator.permutation(n) is arange(n) shuffled in place, and the shuffle draws the same swaps for
+    any item size, so shuffling an int32 arange yields the identical permutation. ``out`` (n items)
+    receives it; it is filled in chunks so that no n-sized temporary exists.
+    """
+    if out is None:
+        out = np.empty(n, np.int32 if n <= INT32_LIMIT else np.int64)
+    if len(out) != n:
+        raise ValueError(f"out has {len(out)} items, the permutation {n}")
+    for start in range(0, n, 1 << 22):
+        stop = min(n, start + (1 << 22))
+        out[start:stop] = np.arange(start, stop, dtype=out.dtype)
+    np.random.default_rng(seed).shuffle(out)
+    return out
+
 
 class GlobalBatchSampler:
-    """Hands out the global sample order batch by batch; ``state_dict`` makes it resumable."""
+    """Hands out the global sample order batch by batch; ``state_dict`` makes it resumable.
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+    ``blend``: an object with ``epoch_samples(epoch, positions)`` (a BlendedDataset) that turns the
+    positions of an epoch into the ids the trainer reads; without it, positions are the ids.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, blend=None) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
+        if blend is not None and blend.samples_per_epoch != num_samples:
+            raise ValueError(f"num_samples {num_samples} differs from the blend's {blend.samples_per_epoch} "
+                             f"samples per epoch")
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
+        self.blend = blend
         self.epoch = 0
         self.consumed_in_epoch = 0
         self._cached_epoch = -1
-        self._cached_order = np.zeros(0, np.int64)
+        self._cached_positions = np.zeros(0, np.int32)
+
+    @classmethod
+    def for_dataset(cls, dataset, seed: int, shuffle: bool = True) -> "GlobalBatchSampler":
+        """The sampler for what the trainer reads: a blend's epochs come from its weights."""
+        if hasattr(dataset, "epoch_samples"):
+            return cls(dataset.samples_per_epoch, seed, shuffle, blend=dataset)
+        return cls(len(dataset), seed, shuffle)
 
     @property
     def total_consumed(self) -> int:
         return self.epoch * self.num_samples + self.consumed_in_epoch
 
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """The full sample order of one epoch (cached: one permutation in memory at a time)."""
+    def _positions(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s permutation of positions (cached: one epoch in memory at a time)."""
         if epoch != self._cached_epoch:
+            self._cached_positions = np.zeros(0, np.int32)  # free the old epoch before building the new
             if self.shuffle:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+                positions = seeded_permutation([self.seed, epoch], self.num_samples)
             else:
-                order = np.arange(self.num_samples)
-            self._cached_epoch, self._cached_order = epoch, order.astype(np.int64)
-        return self._cached_order
+                positions = np.arange(self.num_samples)
+            self._cached_epoch, self._cached_positions = epoch, positions
+        return self._cached_positions
+
+    def _ids(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        positions = self._positions(epoch)[start:stop]
+        if self.blend is not None:
+            return self.blend.epoch_samples(epoch, positions)
+        return positions.astype(np.int64)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The full sample order of one epoch (a new array of num_samples ids; for inspection)."""
+        return self._ids(epoch, 0, self.num_samples)
 
     def next_global_batch(self, n: int) -> np.ndarray:
         """The next ``n`` sample indices, continuing into the next epoch if this one runs out."""
@@ -54,8 +108,7 @@ class GlobalBatchSampler:
         parts = []
         while n:
             take = min(n, self.num_samples - self.consumed_in_epoch)
-            order = self.epoch_order(self.epoch)
-            parts.append(order[self.consumed_in_epoch:self.consumed_in_epoch + take])
+            parts.append(self._ids(self.epoch, self.consumed_in_epoch, self.consumed_in_epoch + take))
             self.consumed_in_epoch += take
             n -= take
             if self.consumed_in_epoch == self.num_samples:
@@ -66,7 +119,8 @@ class GlobalBatchSampler:
     def state_dict(self) -> dict:
         return {"num_samples": self.num_samples, "seed": self.seed, "shuffle": self.shuffle,
                 "epoch": self.epoch, "consumed_in_epoch": self.consumed_in_epoch,
-                "total_consumed": self.total_consumed}
+                "total_consumed": self.total_consumed,
+                "blend": self.blend.order_id if self.blend is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the sample order must be the one that was saved."""
@@ -81,11 +135,22 @@ class GlobalBatchSampler:
                 raise UserError(
                     f"the checkpoint's data order used {key}={state[key]!r} but this run has "
                     f"{key}={current!r}; set it back to {state[key]!r} to resume, or start a new run.")
+        current_blend = self.blend.order_id if self.blend is not None else None
+        if "blend" in state and state["blend"] != current_blend:  # checkpoints before blends had no key
+            raise UserError(
+                f"the checkpoint's data order was saved for {_describe_blend(state['blend'])}, but this run "
+                f"reads {_describe_blend(current_blend)}: the datasets, their sizes or --data-weights "
+                f"changed, so resuming would repeat and skip samples. Resume with the same --data and "
+                f"--data-weights, or start a new run.")
         epoch, consumed = int(state["epoch"]), int(state["consumed_in_epoch"])
         if epoch < 0 or not 0 <= consumed < self.num_samples:
             raise UserError(f"the checkpoint's data position (epoch {epoch}, {consumed} consumed) is "
                             f"impossible for {self.num_samples} samples; the checkpoint is damaged.")
         self.epoch, self.consumed_in_epoch = epoch, consumed
+
+
+def _describe_blend(order_id) -> str:
+    return f"the blend {order_id}" if order_id else "a single dataset (no blend)"
 
 
 def micro_batch_indices(global_batch: np.ndarray, micro_batch_size: int, world_size: int, rank: int,
