@@ -44,6 +44,7 @@ pointers and document boundaries, memory-mapped by every rank) with our own magi
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -147,7 +148,9 @@ class IndexedDatasetWriter:
     """Appends documents (ids plus block sizes) to ``PREFIX.bin`` and writes the index at the end.
 
     Use as a context manager: leaving the block with an exception (or without :meth:`finalize`)
-    deletes the partial files, so a failed run leaves nothing that looks like a dataset.
+    deletes the partial files, so a failed run leaves nothing that looks like a dataset. A write that
+    fails (disk full, quota, read-only folder) deletes them at once, which gives the space back, and
+    raises a UserError naming the file, what it holds and how to fix it.
     """
 
     def __init__(self, prefix: str, dtype) -> None:
@@ -157,15 +160,18 @@ class IndexedDatasetWriter:
         self._limits = np.iinfo(self.dtype)
         self._paths = dataset_paths(prefix)
         self._partial = {ext: path + PARTIAL for ext, path in self._paths.items()}
-        parent = os.path.dirname(os.path.abspath(prefix))
-        os.makedirs(parent, exist_ok=True)
-        self._bin = open(self._partial["bin"], "wb")
         self._sizes: list[np.ndarray] = []
         self._doc_blocks: list[np.ndarray] = []
         self.num_tokens = 0
         self.num_blocks = 0
         self.num_documents = 0
         self._done = False
+        self._bin = None
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+            self._bin = open(self._partial["bin"], "wb")
+        except OSError as err:
+            raise self._write_failed("bin", err) from err
 
     def add_document(self, ids: Sequence[int], block_sizes: Sequence[int]) -> None:
         """One document: its ids in order and how they are cut into blocks."""
@@ -183,7 +189,10 @@ class IndexedDatasetWriter:
             raise ValueError("every block needs at least one id and every document at least one block")
         if len(ids) and (ids.min() < self._limits.min or ids.max() > self._limits.max):
             raise ValueError(f"token id range [{ids.min()}, {ids.max()}] does not fit {self.dtype}")
-        self._bin.write(np.ascontiguousarray(ids, dtype=self.dtype).tobytes())
+        try:
+            self._bin.write(np.ascontiguousarray(ids, dtype=self.dtype).data)
+        except OSError as err:
+            raise self._write_failed("bin", err) from err
         self._sizes.append(sizes.astype(np.int32))
         self._doc_blocks.append(counts)
         self.num_tokens += len(ids)
@@ -191,8 +200,11 @@ class IndexedDatasetWriter:
         self.num_documents += len(counts)
 
     def finalize(self, meta: dict | None = None) -> dict:
-        """Write index and metadata, then rename all three files into place (``.idx`` last)."""
-        self._bin.close()
+        """Write index and metadata, then rename all three files into place (``.idx`` last).
+
+        Each file is flushed to disk (fsync) before any rename, and the renames are made durable,
+        so even a crash at any point leaves either the complete new dataset or no ``.idx``.
+        """
         sizes = np.concatenate(self._sizes) if self._sizes else np.zeros(0, np.int32)
         doc_blocks = np.concatenate(self._doc_blocks) if self._doc_blocks else np.zeros(0, np.int64)
         pointers = np.zeros(len(sizes), np.int64)
@@ -201,33 +213,67 @@ class IndexedDatasetWriter:
         doc_index = np.zeros(len(doc_blocks) + 1, np.int64)
         np.cumsum(doc_blocks, out=doc_index[1:])
         build_id = os.urandom(16)
-        with open(self._partial["idx"], "wb") as f:
-            f.write(HEADER.pack(MAGIC, FORMAT_VERSION, self._code, self.num_blocks, self.num_documents,
-                                self.num_tokens, build_id))
-            f.write(pointers.tobytes())
-            f.write(doc_index.tobytes())
-            f.write(sizes.tobytes())
         full_meta = dict(meta or {})
         full_meta.update(format_version=FORMAT_VERSION, build_id=build_id.hex(), dtype=self.dtype.name,
                          num_documents=self.num_documents, num_blocks=self.num_blocks,
                          num_tokens=self.num_tokens)
-        with open(self._partial["json"], "w", encoding="utf-8") as f:
-            json.dump(full_meta, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        if os.path.exists(self._paths["idx"]):  # an older dataset: invalidate it before replacing
-            os.remove(self._paths["idx"])
-        for ext in ("bin", "json", "idx"):
-            os.replace(self._partial[ext], self._paths[ext])
+        meta_text = json.dumps(full_meta, indent=2, ensure_ascii=False) + "\n"
+        step = "bin"
+        try:
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            step = "idx"
+            header = HEADER.pack(MAGIC, FORMAT_VERSION, self._code, self.num_blocks, self.num_documents,
+                                 self.num_tokens, build_id)
+            _write_synced(self._partial["idx"], [header, pointers.data, doc_index.data, sizes.data])
+            step = "json"
+            _write_synced(self._partial["json"], [meta_text.encode("utf-8")])
+        except OSError as err:
+            raise self._write_failed(step, err) from err
+        placed, ext = [], "idx"
+        try:
+            if os.path.exists(self._paths["idx"]):  # an older dataset: invalidate it before replacing
+                os.remove(self._paths["idx"])
+            for ext in ("bin", "json", "idx"):
+                os.replace(self._partial[ext], self._paths[ext])
+                placed.append(self._paths[ext])
+        except OSError as err:
+            for path in placed:  # this run's files without their .idx: remove them too
+                os.remove(path)
+            raise self._write_failed(ext, err) from err
+        _sync_folder(os.path.dirname(os.path.abspath(self.prefix)))
         self._done = True
         return full_meta
 
     def abort(self) -> None:
         """Close and delete the partial files (nothing final is touched)."""
-        self._bin.close()
+        if self._bin is not None:
+            try:
+                self._bin.close()
+            except OSError:  # the flush of buffered ids failed again (disk still full): the file is closed
+                pass
         for path in self._partial.values():
             if os.path.exists(path):
                 os.remove(path)
         self._done = True
+
+    def _write_failed(self, ext: str, err: OSError) -> UserError:
+        """Delete every partial file (frees the space), then explain the failed write of ``ext``."""
+        self.abort()
+        path = self._partial[ext]
+        what = {"bin": "the token ids", "idx": "the block index", "json": "the metadata"}[ext]
+        folder = os.path.dirname(os.path.abspath(path))
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            written = self.num_tokens * self.dtype.itemsize / 2**20
+            fix = (f"The disk (or your quota) is full: free space there (`df -h {folder}` shows what is left; "
+                   f"this dataset needs more than the {written:,.1f} MB of token ids written so far), or "
+                   f"choose another --output on a disk with room")
+        else:
+            fix = f"Check that {folder} is writable, or choose another --output"
+        return UserError(f"could not write {path} ({what} of the dataset {self.prefix}): {err.strerror} "
+                         f"[errno {err.errno}]. The unfinished files of this run "
+                         f"({os.path.basename(self.prefix)}.*{PARTIAL}) were removed. {fix}.")
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
@@ -235,6 +281,29 @@ class IndexedDatasetWriter:
     def __exit__(self, *exc) -> None:
         if not self._done:
             self.abort()
+
+
+def _write_synced(path: str, chunks) -> None:
+    """Write ``chunks`` (bytes-like) to ``path`` and flush them to disk before returning."""
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folder(folder: str) -> None:
+    """Make the renames in ``folder`` durable (best effort: not every filesystem syncs folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
