@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import lee_articles, write_jsonl
-from retromae_ds.data import prepare
+from retromae_ds.data import packing, prepare, workers
 from retromae_ds.data.indexed import IndexedDataset
 from retromae_ds.errors import UserError
 
@@ -95,8 +95,8 @@ def test_round_trip_sentencepiece(tmp_path, sentencepiece_tokenizer, sentencepie
 def test_long_documents_are_not_truncated(minilm_tokenizer):
     """MiniLM's tokenizer.json pads and truncates to 128 tokens; prepare must store every token."""
     long_text = " ".join(["The quick brown fox jumps over the lazy dog."] * 50)
-    prepare.init_worker(minilm_tokenizer, 126)
-    ids, sizes, counts, empty = prepare.tokenize_batch([long_text, ""])
+    workers.init_worker(minilm_tokenizer, 126)
+    ids, sizes, counts, empty = workers.tokenize_batch([long_text, ""])
     assert ids.tolist() == token_ids(minilm_tokenizer, long_text) and len(ids) == 500
     assert sizes.tolist() == [120, 120, 120, 120, 20] and counts.tolist() == [5] and empty == 1
 
@@ -129,7 +129,7 @@ def test_several_processes_write_identical_files(tmp_path, minilm_tokenizer_dir)
 
 def test_sentence_ends():
     text = "Hello world. The cat, e.g. a tabby, sat!  Really?\nNo stop here\n\n\"Quoted.\" Next one. 東京。大阪"
-    ends = prepare.sentence_end_chars(text)
+    ends = packing.sentence_end_chars(text)
     pieces = [text[a:b].strip() for a, b in zip([0] + ends, ends + [len(text)])]
     assert pieces == ["Hello world.", "The cat, e.g. a tabby, sat!", "Really?", "No stop here",
                       "\"Quoted.\"", "Next one.", "東京。", "大阪"]
@@ -155,15 +155,15 @@ def test_packing_invariants_on_random_documents():
         capacity = rng.randint(1, 20)
         lengths = [rng.randint(1, 30) for _ in range(rng.randint(1, 12))]
         starts = np.cumsum(lengths)[:-1].tolist()
-        sizes = prepare.pack_blocks(sum(lengths), starts, capacity)
+        sizes = packing.pack_blocks(sum(lengths), starts, capacity)
         check_packing(sum(lengths), starts, capacity, sizes)
 
 
 def test_packing_examples():
-    assert prepare.pack_blocks(6, [3], 5) == [3, 3]
-    assert prepare.pack_blocks(6, [3], 6) == [6]
-    assert prepare.pack_blocks(17, [2, 4, 16], 5) == [4, 5, 5, 3]  # 12-token sentence split, tail shared
-    assert prepare.pack_blocks(3, [], 5) == [3]
+    assert packing.pack_blocks(6, [3], 5) == [3, 3]
+    assert packing.pack_blocks(6, [3], 6) == [6]
+    assert packing.pack_blocks(17, [2, 4, 16], 5) == [4, 5, 5, 3]  # 12-token sentence split, tail shared
+    assert packing.pack_blocks(3, [], 5) == [3]
 
 
 def test_packing_of_a_prepared_corpus(tiny_dataset):
