@@ -73,6 +73,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise UserError(f"{out}: already exists; pass --overwrite to replace it or choose another OUT_DIR.")
+    from safetensors import SafetensorError
+
     model, tokenizer, settings, path = load_checkpoint_model(checkpoint)
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -85,7 +87,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
         model.save_pretrained(tmp / "retromae")
         tokenizer.save_pretrained(tmp / "retromae")
         (tmp / "retromae" / "exported_from.json").write_text(json.dumps({"checkpoint": str(path.resolve())}))
-    except (OSError, RuntimeError) as err:  # disk full, quota, permissions; safetensors reports as RuntimeError
+    except (OSError, RuntimeError, SafetensorError) as err:  # disk full, quota, permissions
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(out.parent if out.parent.exists() else Path(".")).free
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
