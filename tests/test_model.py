@@ -4,6 +4,7 @@ checkpoints load strictly, save/load round-trips, and BERT / RoBERTa / XLM-R tin
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -286,10 +287,171 @@ def test_architectures_without_an_mlm_head_are_user_errors():
     with pytest.raises(UserError, match="base_model"):
         RetroMAEForPretraining(BertModel(tiny_bert().config))
     distil = DistilBertForMaskedLM(DistilBertConfig(vocab_size=50, dim=32, n_layers=1, n_heads=4, hidden_dim=64))
-    with pytest.raises(UserError, match="one masked-LM head"):
+    with pytest.raises(UserError, match="lacks intermediate_size"):  # its head chains, its config is not BERT's
         RetroMAEForPretraining(distil)
     with pytest.raises(UserError, match="objective"):
         RetroMAEConfig(objective="contrastive")
+
+
+class SummedHeadsLM(BertForMaskedLM):
+    """Two head parts that the forward adds instead of chaining: not reusable as one head."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.extra = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def get_output_embeddings(self):
+        return self.extra
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        from transformers.modeling_outputs import MaskedLMOutput
+
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return MaskedLMOutput(logits=self.cls(hidden) + self.extra(hidden))
+
+
+def test_a_head_in_parts_that_do_not_chain_is_refused():
+    with pytest.raises(UserError, match="not applied as a simple chain"):
+        RetroMAEForPretraining(SummedHeadsLM(tiny_bert().config))
+
+
+# --------------------------------------------------------------------------------------------------
+# the decoder uses position
+
+
+def fixed_blocks(seed: int = 0, n: int = 4, length: int = 22):
+    rng = random.Random(seed)
+    blocks = [np.array(synthetic_block([rng.choice([1, 1, 2]) for _ in range(length)], rng)[:length])
+              for _ in range(n)]
+    return collate_blocks(blocks, 0, pad_to_multiple_of=None)
+
+
+def decoder_loss_after_training(model: RetroMAEForPretraining, steps: int = 150, lr: float = 1e-2) -> float:
+    """Train on one fixed batch of tokens (fresh masks every step); mean decoder loss of the last 20 steps.
+
+    With positions the decoder can learn which token sits at each row of these few samples; without,
+    every row of a sample looks alike and the loss cannot go much below the entropy of its tokens."""
+    generator = synthetic_generator()
+    tokens, lengths = fixed_blocks()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    history = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: extra threads only wait on each other on a busy machine
+    try:
+        for step in range(steps):
+            out = model(**generator(tokens, lengths, mask_rng(0, step, 0, "cpu")))
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            history.append(out.decoder_loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    return float(np.mean(history[-20:]))
+
+
+def test_bert_decoder_uses_positions():
+    torch.manual_seed(0)
+    with_positions = decoder_loss_after_training(RetroMAEForPretraining(tiny_bert()))
+    torch.manual_seed(0)
+    blind = RetroMAEForPretraining(tiny_bert())
+    table = blind.lm.bert.embeddings.position_embeddings.weight
+    with torch.no_grad():
+        table.zero_()  # the same model with its (only) position signal removed
+    table.requires_grad_(False)
+    without = decoder_loss_after_training(blind)
+    assert without > 2.0, without  # near the entropy of a sample's tokens
+    assert with_positions < 0.4 * without, (with_positions, without)
+
+
+# --------------------------------------------------------------------------------------------------
+# --extend-positions
+
+
+def test_extend_positions_copies_rows_block_by_block_bert(tmp_path):
+    from retromae_ds.model.positions import extend_position_table
+
+    torch.manual_seed(0)
+    model = RetroMAEForPretraining(tiny_bert()).eval()  # 64 positions
+    old = model.lm.bert.embeddings.position_embeddings.weight.detach().clone()
+    assert extend_position_table(model.lm, 150)
+    new = model.lm.bert.embeddings.position_embeddings.weight
+    assert new.shape == (150, 32) and model.lm.config.max_position_embeddings == 150
+    assert torch.equal(new[:64], old) and torch.equal(new[64:128], old) and torch.equal(new[128:], old[:22])
+    assert new.requires_grad and model.lm.bert.embeddings.position_ids.shape == (1, 150)
+    assert model.lm.bert.embeddings.token_type_ids.shape == (1, 150)
+    assert not extend_position_table(model.lm, 150)  # already that size: nothing to do
+    with pytest.raises(UserError, match="smaller than the model's 150 positions"):
+        extend_position_table(model.lm, 100)
+
+    # the model runs at the new length (longer than the old table), and its state round-trips
+    batch = synthetic_batch(lengths=(140, 97))
+    assert batch["encoder_input_ids"].shape[1] > 64
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss)
+    model.save_pretrained(tmp_path / "out")
+    loaded = RetroMAEForPretraining.from_pretrained(tmp_path / "out").eval()
+    assert loaded.lm.config.max_position_embeddings == 150
+    assert torch.equal(loaded.lm.bert.embeddings.position_embeddings.weight, new)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).loss, loss)
+    encoder = AutoModel.from_pretrained(tmp_path / "out" / "encoder_model")
+    assert encoder.embeddings.position_embeddings.num_embeddings == 150
+
+
+def test_extend_positions_keeps_roberta_reserved_rows(byte_level_tokenizer):
+    from retromae_ds.model.positions import extend_position_table, token_positions
+
+    torch.manual_seed(0)
+    lm = build_tiny("roberta", byte_level_tokenizer, 64)  # 66 rows: pad_token_id + 1 = 2 reserved
+    old = lm.roberta.embeddings.position_embeddings.weight.detach().clone()
+    assert token_positions(lm) == 64
+    extend_position_table(lm, 160)
+    new = lm.roberta.embeddings.position_embeddings.weight
+    assert new.shape[0] == 162 and lm.config.max_position_embeddings == 162 and token_positions(lm) == 160
+    assert torch.equal(new[:2], old[:2])  # reserved rows untouched
+    for start in (0, 64, 128):  # token position t gets trained row t mod 64
+        block = min(64, 160 - start)
+        assert torch.equal(new[2 + start:2 + start + block], old[2:2 + block]), start
+    ids = torch.randint(5, len(byte_level_tokenizer), (1, 150))
+    assert lm(input_ids=ids).logits.shape == (1, 150, len(byte_level_tokenizer))
+
+
+def test_build_model_applies_extend_positions(minilm_tokenizer, tmp_path):
+    from retromae_ds.config import TrainConfig
+    from retromae_ds.engine.build import build_model, resolve_max_seq_len, write_model_files
+
+    (tmp_path / "cfg").mkdir()
+    tiny_bert(vocab=len(minilm_tokenizer)).config.save_pretrained(tmp_path / "cfg")
+    cfg = TrainConfig(model_config=str(tmp_path / "cfg"), tokenizer="unused", extend_positions=256)
+    tokenizer = type(minilm_tokenizer).from_pretrained(minilm_tokenizer.name_or_path)
+    model = build_model(cfg, tokenizer)
+    assert model.lm.config.max_position_embeddings == 256
+    cfg.max_seq_len = 200
+    assert resolve_max_seq_len(cfg, {"max_seq_len": 64}, model.lm.config) == 200  # beyond the old 64
+    cfg.max_seq_len = 300
+    with pytest.raises(UserError, match="exceeds the model's 256 positions"):
+        resolve_max_seq_len(cfg, {"max_seq_len": 64}, model.lm.config)
+    assert tokenizer.model_max_length >= 256
+    write_model_files(model, tokenizer, cfg, tmp_path / "model_config")
+    assert json.loads((tmp_path / "model_config" / "config.json").read_text())["max_position_embeddings"] == 256
+
+
+# --------------------------------------------------------------------------------------------------
+# console
+
+
+def test_loading_an_encoder_without_mlm_head_prints_one_line(minilm_tokenizer_dir, capfd):
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    capfd.readouterr()
+    RetroMAEForPretraining.from_pretrained(minilm_tokenizer_dir)
+    out, err = capfd.readouterr()
+    lines = [line for line in (out + err).splitlines() if line.strip()]
+    assert lines == ["[retromae-ds] no MLM head in this checkpoint: a new one is initialised"], lines
+    assert hf_logging.get_verbosity() == verbosity and hf_logging.is_progress_bar_enabled()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -100,6 +100,8 @@ def load_data(cfg: TrainConfig, tokenizer) -> DataBundle:
 
 
 def resolve_max_seq_len(cfg: TrainConfig, meta: dict, model_config) -> int:
+    """The training length: --max-seq-len or the dataset's, checked against the model's position table
+    (`model_config` is the built model's, so a table grown by --extend-positions counts)."""
     data_len = int(meta["max_seq_len"])
     max_len = cfg.max_seq_len or data_len
     positions = getattr(model_config, "max_position_embeddings", None)
@@ -108,8 +110,11 @@ def resolve_max_seq_len(cfg: TrainConfig, meta: dict, model_config) -> int:
         offset = (getattr(model_config, "pad_token_id", 0) or 0) + 1 if model_config.model_type in (
             "roberta", "xlm-roberta", "camembert") else 0
         if max_len + offset > positions:
+            grow = (f", or grow the position table with --extend-positions {max_len}"
+                    if not getattr(model_config, "rope_parameters", None) else "")
             raise UserError(f"--max-seq-len {max_len} exceeds the model's {positions - offset} positions "
-                            f"(max_position_embeddings): lower --max-seq-len or re-run prepare with a smaller one.")
+                            f"(max_position_embeddings): lower --max-seq-len or re-run prepare with a smaller "
+                            f"one{grow}.")
     return max_len
 
 
@@ -154,9 +159,26 @@ def build_model(cfg: TrainConfig, tokenizer):
             raise UserError(f"--model {cfg.model}: no such folder. Give a local Hugging Face model folder "
                             f"(nothing is downloaded at run time).")
         model = RetroMAEForPretraining.from_pretrained(cfg.model, config=rcfg)
+    if cfg.extend_positions:
+        apply_extend_positions(model, tokenizer, cfg.extend_positions)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def apply_extend_positions(model, tokenizer, positions: int) -> None:
+    """--extend-positions N: grow the encoder's absolute position table to N tokens (rows copied block
+    by block). The grown config travels with checkpoints (model_config/) and exports; the tokenizer's
+    model_max_length grows too so exported tokenizers do not truncate at the old length. Resuming
+    rebuilds the same table before DeepSpeed loads the trained rows over it."""
+    from retromae_ds.model.positions import extend_position_table, token_positions
+
+    before = token_positions(model.lm)
+    if extend_position_table(model.lm, positions) and os.environ.get("RANK", "0") == "0":
+        print(f"[retromae-ds] position table extended from {before} to {positions} positions "
+              f"(trained rows copied block by block)", flush=True)
+    if isinstance(getattr(tokenizer, "model_max_length", None), int) and tokenizer.model_max_length < positions:
+        tokenizer.model_max_length = positions
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:

@@ -5,6 +5,10 @@ key/value stream carries the unmasked token embeddings. Each query row sees the 
 the [B, L, L] matrix mask allows. Parameter names copy a BERT layer (`attention.self.query`, ...,
 `output.LayerNorm`) so the published reference's `c_head.*` weights load unchanged.
 
+Positions: BERT-like encoders give both streams positions through their embedding module. For a
+rotary encoder (ModernBERT) the layer gets a `RotaryEmbedding` (retromae_ds/model/positions.py,
+which says why) that rotates its queries and keys, as the encoder's own attention does.
+
 Attention runs through `torch.nn.functional.scaled_dot_product_attention` with a boolean mask.
 A row with no visible key (padding rows) would come out NaN there, and NaN * 0 is still NaN in
 the loss and gradients, so such rows get column 0 as their one visible key: their outputs are
@@ -19,15 +23,25 @@ from torch import nn
 
 from retromae_ds.errors import UserError
 
-CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "intermediate_size", "hidden_act", "layer_norm_eps",
-                 "hidden_dropout_prob", "attention_probs_dropout_prob", "initializer_range")
+# decoder argument -> the config attributes that carry it (BERT's name first, then ModernBERT's)
+CONFIG_FIELDS = {
+    "hidden_size": ("hidden_size",),
+    "num_attention_heads": ("num_attention_heads",),
+    "intermediate_size": ("intermediate_size",),
+    "hidden_act": ("hidden_act", "hidden_activation"),
+    "layer_norm_eps": ("layer_norm_eps", "norm_eps"),
+    "hidden_dropout_prob": ("hidden_dropout_prob", "mlp_dropout"),
+    "attention_probs_dropout_prob": ("attention_probs_dropout_prob", "attention_dropout"),
+    "initializer_range": ("initializer_range",),
+}
 
 
 class CrossStreamSelfAttention(nn.Module):
     """Multi-head attention of the query stream over the key/value stream (BERT `attention.self`)."""
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, rotary: nn.Module | None = None) -> None:
         super().__init__()
+        self.rotary = rotary  # rotates queries and keys by position (rotary encoders); None for BERT-like
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.dropout = dropout
@@ -41,6 +55,8 @@ class CrossStreamSelfAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, key_value: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split(self.query(query)), self._split(self.key(key_value)), self._split(self.value(key_value))
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None],
                                              dropout_p=self.dropout if self.training else 0.0)
         batch, _, length, _ = out.shape
@@ -64,9 +80,9 @@ class DecoderAttention(nn.Module):
     """BERT `attention`: `self` (the attention proper) + `output` (projection, residual on the query)."""
 
     def __init__(self, hidden_size: int, num_heads: int, eps: float, hidden_dropout: float,
-                 attention_dropout: float) -> None:
+                 attention_dropout: float, rotary: nn.Module | None = None) -> None:
         super().__init__()
-        self.self = CrossStreamSelfAttention(hidden_size, num_heads, attention_dropout)
+        self.self = CrossStreamSelfAttention(hidden_size, num_heads, attention_dropout, rotary)
         self.output = ResidualNorm(hidden_size, hidden_size, eps, hidden_dropout)
 
     def forward(self, query, key_value, visible):
@@ -90,25 +106,37 @@ class EnhancedDecoderLayer(nn.Module):
 
     def __init__(self, hidden_size: int, num_attention_heads: int, intermediate_size: int, hidden_act="gelu",
                  layer_norm_eps: float = 1e-12, hidden_dropout_prob: float = 0.1,
-                 attention_probs_dropout_prob: float = 0.1, initializer_range: float = 0.02) -> None:
+                 attention_probs_dropout_prob: float = 0.1, initializer_range: float = 0.02,
+                 rotary: nn.Module | None = None) -> None:
         super().__init__()
         if hidden_size % num_attention_heads:
             raise UserError(f"model config: hidden_size {hidden_size} is not a multiple of num_attention_heads "
                             f"{num_attention_heads}; the decoder layer copies the encoder's head layout.")
         self.attention = DecoderAttention(hidden_size, num_attention_heads, layer_norm_eps, hidden_dropout_prob,
-                                          attention_probs_dropout_prob)
+                                          attention_probs_dropout_prob, rotary)
         self.intermediate = Intermediate(hidden_size, intermediate_size, hidden_act)
         self.output = ResidualNorm(intermediate_size, hidden_size, layer_norm_eps, hidden_dropout_prob)
         self.reset_parameters(initializer_range)
 
     @classmethod
-    def from_config(cls, config) -> "EnhancedDecoderLayer":
-        """Build from a Hugging Face encoder config (the decoder mirrors one encoder layer)."""
-        missing = [name for name in CONFIG_FIELDS if getattr(config, name, None) is None]
+    def from_config(cls, config, rotary: bool = False) -> "EnhancedDecoderLayer":
+        """Build from a Hugging Face encoder config (the decoder mirrors one encoder layer's sizes);
+        `rotary`: rotate queries and keys with the encoder's RoPE settings (for rotary encoders)."""
+        values, missing = {}, []
+        for name, sources in CONFIG_FIELDS.items():
+            found = next((getattr(config, src) for src in sources if getattr(config, src, None) is not None), None)
+            if found is None:
+                missing.append(name)
+            values[name] = found
         if missing:
             raise UserError(f"model config ({type(config).__name__}) lacks {', '.join(missing)}, which the RetroMAE "
-                            f"decoder layer needs; use a BERT/RoBERTa/XLM-R style masked-LM model.")
-        return cls(**{name: getattr(config, name) for name in CONFIG_FIELDS})
+                            f"decoder layer needs; use a BERT/RoBERTa/XLM-R/ModernBERT style masked-LM model.")
+        if rotary:
+            from retromae_ds.model.positions import RotaryEmbedding
+
+            head_dim = values["hidden_size"] // values["num_attention_heads"]
+            values["rotary"] = RotaryEmbedding.from_config(config, head_dim)
+        return cls(**values)
 
     def reset_parameters(self, std: float) -> None:
         """BERT's initialisation: normal(0, std) weights, zero biases, LayerNorm 1/0."""

@@ -1,7 +1,8 @@
 """The MLM head and embedding module of any Hugging Face masked-LM model, and the losses on top.
 
 Finding them generically: a `*ForMaskedLM` model holds its encoder as `model.base_model` and the
-MLM head as the one other child module with parameters (BERT: `cls`, RoBERTa/XLM-R: `lm_head`).
+MLM head as the other child modules with parameters: one for BERT (`cls`) and RoBERTa/XLM-R
+(`lm_head`), a chain of two for ModernBERT (`head`, then the projection `decoder`).
 The head is always *called* (never its `.weight` read), so the same code works when DeepSpeed
 ZeRO-3 partitions the parameters and gathers them around each module call.
 
@@ -30,19 +31,88 @@ from retromae_ds.errors import UserError
 IGNORE_INDEX = -100
 
 
-def find_mlm_head_name(lm: nn.Module) -> str:
-    """Name of the MLM head child of a `*ForMaskedLM` model; UserError when there is not exactly one."""
+def find_mlm_head(lm: nn.Module) -> tuple[str, ...]:
+    """Names of the children of a `*ForMaskedLM` model that make its MLM head, in the order its own
+    forward applies them to the encoder output; UserError when that is not a plain chain.
+
+    BERT (`cls`) and RoBERTa/XLM-R (`lm_head`) have one head module. ModernBERT splits it in two:
+    `head` (dense + activation + norm) then `decoder` (the tied vocabulary projection). With several
+    parts the order is read off one tiny forward of the model (hooks record the call order) and the
+    chain is checked to reproduce the model's logits, so a head that is not a simple chain is refused
+    instead of silently trained wrong.
+    """
     base = getattr(lm, "base_model", None)
     if base is None or base is lm:
         raise UserError(f"{type(lm).__name__} is not a Hugging Face *ForMaskedLM model (no separate base_model); "
-                        f"load the encoder with AutoModelForMaskedLM (BERT, RoBERTa, XLM-R, ...).")
-    heads = [name for name, child in lm.named_children()
-             if child is not base and any(True for _ in child.parameters())]
-    if len(heads) != 1:
+                        f"load the encoder with AutoModelForMaskedLM (BERT, RoBERTa, XLM-R, ModernBERT, ...).")
+    children = [name for name, child in lm.named_children() if child is not base]
+    parts = [name for name in children if any(True for _ in getattr(lm, name).parameters())]
+    output = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if len(parts) == 1:
+        return (parts[0],)
+    if len(parts) < 1 or not any(getattr(lm, name) is output for name in parts):
         raise UserError(f"{type(lm).__name__}: expected one masked-LM head module next to the encoder, found "
-                        f"{heads or 'none'}. RetroMAE reuses that head for the decoder; supported are models "
-                        f"shaped like BERT (`cls`) or RoBERTa/XLM-R (`lm_head`).")
-    return heads[0]
+                        f"{parts or 'none'}. RetroMAE reuses that head for the decoder; supported are models "
+                        f"shaped like BERT (`cls`), RoBERTa/XLM-R (`lm_head`) or ModernBERT (`head` + `decoder`).")
+    return _head_call_order(lm, children, parts)  # parameter-free children (an activation) may be links too
+
+
+def _head_call_order(lm: nn.Module, children: list[str], parts: list[str]) -> tuple[str, ...]:
+    """Run the model once on a few tokens, record which head parts its forward calls (in order) and
+    check that chaining them on the encoder output gives the model's logits."""
+    weights = [p for p in lm.parameters()]
+    if any(p.numel() == 0 or p.is_meta for p in weights):  # partitioned (ZeRO-3 init) or meta: cannot probe
+        return tuple(parts)
+    order, handles = [], []
+    for name in children:
+        handles.append(getattr(lm, name).register_forward_hook(lambda *_, name=name: order.append(name)))
+    captured = {}
+
+    def keep_hidden(module, args, out) -> None:  # returns None: a hook's return value would replace the output
+        captured.setdefault("hidden", out[0])
+
+    handles.append(lm.base_model.register_forward_hook(keep_hidden))
+    was_training = lm.training
+    device = weights[0].device
+    special = [getattr(lm.config, key, None) for key in ("cls_token_id", "bos_token_id", "pad_token_id")]
+    token = next((t for t in special if isinstance(t, int) and 0 <= t < lm.config.vocab_size), 0)
+    ids = torch.full((1, 4), token, dtype=torch.long, device=device)
+    try:
+        lm.eval()
+        with torch.no_grad():
+            logits = lm(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            for handle in handles:
+                handle.remove()
+            chained = captured["hidden"]
+            try:
+                for name in order:
+                    chained = getattr(lm, name)(chained)
+            except RuntimeError:  # parts that do not compose (e.g. two heads summed by the forward)
+                chained = None
+    finally:
+        lm.train(was_training)
+        for handle in handles:
+            handle.remove()
+    if chained is None or not set(parts) <= set(order) or chained.shape != logits.shape or \
+            not torch.allclose(chained.float(), logits.float(), atol=1e-4, rtol=1e-3):
+        raise UserError(f"{type(lm).__name__}: its masked-LM head parts {parts} are not applied as a simple chain "
+                        f"to the encoder output (call order seen: {order}), so RetroMAE cannot reuse the head for "
+                        f"its decoder.")
+    return tuple(order)
+
+
+class ChainedHead:
+    """Calls the head parts one after the other (ModernBERT: `head` then `decoder`). A plain callable
+    built on the fly, not a module: it adds no state-dict keys and nothing for DeepSpeed to track;
+    each part is still its own module call, which is what ZeRO-3 gathers parameters around."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        self.parts = parts
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        for part in self.parts:
+            hidden = part(hidden)
+        return hidden
 
 
 def find_embeddings(lm: nn.Module) -> nn.Module:

@@ -26,6 +26,7 @@ Folder layout written by `save_pretrained(dir)`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ from transformers.utils import ModelOutput
 from retromae_ds.errors import UserError
 from retromae_ds.model import heads
 from retromae_ds.model.decoder import EnhancedDecoderLayer
+from retromae_ds.model.positions import ROTARY, decoder_positions
 
 OBJECTIVES = ("retromae", "dupmae", "mlm")
 STATE_FILE = "model.safetensors"
@@ -93,10 +95,11 @@ class RetroMAEForPretraining(nn.Module):
         super().__init__()
         self.config = config or RetroMAEConfig()
         self.lm = encoder
-        self._head_name = heads.find_mlm_head_name(encoder)
+        self._head_names = heads.find_mlm_head(encoder)
         heads.find_embeddings(encoder)
+        self.positions = decoder_positions(encoder)
         dtype = next(encoder.parameters()).dtype
-        self.c_head = EnhancedDecoderLayer.from_config(encoder.config).to(dtype=dtype)
+        self.c_head = EnhancedDecoderLayer.from_config(encoder.config, rotary=self.positions == ROTARY).to(dtype=dtype)
         if self.config.objective == "mlm":
             self.c_head.requires_grad_(False)
         self._checkpoint_decoder = False
@@ -109,7 +112,10 @@ class RetroMAEForPretraining(nn.Module):
 
     @property
     def mlm_head(self) -> nn.Module:
-        return getattr(self.lm, self._head_name)
+        """The encoder's MLM head: its one head module (BERT `cls`), or its parts chained (ModernBERT)."""
+        if len(self._head_names) == 1:
+            return getattr(self.lm, self._head_names[0])
+        return heads.ChainedHead([getattr(self.lm, name) for name in self._head_names])
 
     @property
     def embeddings(self) -> nn.Module:
@@ -290,10 +296,45 @@ def _load_masked_lm(folder: Path) -> nn.Module:
     if not (folder / "config.json").exists():
         raise UserError(f"{folder}: no config.json; expected a Hugging Face model folder (save_pretrained output).")
     try:
-        return AutoModelForMaskedLM.from_pretrained(str(folder))
+        with quiet_transformers():
+            lm, info = AutoModelForMaskedLM.from_pretrained(str(folder), output_loading_info=True)
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{folder}: could not load a masked-LM model from this folder ({err}). RetroMAE needs an "
-                        f"architecture with a masked-LM head (BERT, RoBERTa, XLM-R, ...).") from None
+                        f"architecture with a masked-LM head (BERT, RoBERTa, XLM-R, ModernBERT, ...).") from None
+    report_missing_weights(lm, info.get("missing_keys") or [], folder)
+    return lm
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Silence transformers' loading chatter (its load-report table, the tied-weights "checkpoint seem
+    corrupted" warning, the "Loading weights" bar) for one load; report_missing_weights says what matters."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+
+
+def report_missing_weights(lm: nn.Module, missing: list[str], folder: Path) -> None:
+    """One line instead of transformers' tables: a missing MLM head is normal for encoders published
+    without one (sentence-transformers models); missing encoder weights are not, so they are named."""
+    if not missing or os.environ.get("RANK", "0") != "0":
+        return
+    head = tuple(f"{name}." for name in heads.find_mlm_head(lm)) if missing else ()
+    in_head = [k for k in missing if k.startswith(head)]
+    elsewhere = [k for k in missing if not k.startswith(head)]
+    if in_head:
+        print("[retromae-ds] no MLM head in this checkpoint: a new one is initialised", flush=True)
+    if elsewhere:
+        print(f"[retromae-ds] warning: {folder} lacks {len(elsewhere)} encoder weights, initialised at random: "
+              f"{', '.join(elsewhere[:5])}{' ...' if len(elsewhere) > 5 else ''}", flush=True)
 
 
 def _deduplicated_state(state: dict) -> tuple[dict, dict]:
