@@ -1,20 +1,33 @@
-"""RetroMAE vs MLM (vs DupMAE): same encoder init, same data, same steps, several seeds.
+"""RetroMAE vs MLM (vs DupMAE): same encoder init, same data, same steps, several seeds, with 95% CIs.
 
-    OMP_NUM_THREADS=2 python bench/ablation.py --objectives retromae mlm dupmae --seeds 1 2 3 \\
-        --steps 150 --micro-batch 8 --hidden 128 --layers 2 --heads 4 --out-dir runs/ablation \\
-        --json bench/results/ablation.json --png bench/results/curves.png
+    # from a pretrained encoder (the bundled MiniLM; its missing MLM head is initialised from the seed)
+    OMP_NUM_THREADS=2 python bench/ablation.py --model MINILM --objectives retromae mlm --seeds 1 2 3 4 \\
+        --steps 100 --lr 1e-4 --out-dir runs/ablation_minilm --json bench/results/ablation_minilm.json \\
+        --png bench/results/curves_minilm.png
+    # from random init (--hidden/--layers/--heads), the original tiny-scale ablation
+    OMP_NUM_THREADS=2 python bench/ablation.py --objectives retromae mlm dupmae --seeds 1 2 3 --steps 150 ...
+    # GPU preset (one ~8-minute call on an H100/H200): MiniLM, 3 seeds x 1,200 steps x 32 blocks
+    python bench/ablation.py --preset gpu
 
-For each (objective, seed) it runs `launch/pretrain.py` (one process, one after the other) from a
-random-init BERT of the given size on the demo corpus (prepared if missing), evaluating every
---eval-interval steps (Lee similarity + held-out retrieval, see retromae_ds/evaluate.py). The seed
-fixes the encoder's initialisation, the data order and the encoder masks, so for one seed the
-objectives differ only in what they train; the step-0 evaluations must then agree across objectives,
-which this script checks. Each run goes to OUT_DIR/<objective>_seed<seed> (log in run.log), a
-finished run there is reused with --reuse.
+For each (seed, objective) it runs `launch/pretrain.py` (one process, one after the other), evaluating
+every --eval-interval steps (Lee similarity + held-out retrieval, see retromae_ds/evaluate.py). The seed
+fixes the encoder's initialisation (or, with --model, the initialisation of whatever the folder lacks,
+e.g. the MLM head), the data order and the encoder masks, so for one seed the objectives differ only
+in what they train; the step-0 evaluations must then agree across objectives, which this script
+checks, and with --model it also checks that the MLM head is built identically for every objective.
 
-Prints a markdown table (per metric: mean ± sample std over seeds of the final evaluation, the
-step-0 value, the final training encoder MLM loss) and the per-seed paired differences against
---baseline, writes the JSON report, and draws the curves with bench/plot_curves.py.
+Statistics. The last --heldout-docs documents of the corpus never enter training (the trainer trains
+on the blocks before them). After training, this script evaluates every run's final encoder once more
+on a query set that is the same for all runs (--eval-seed): one span per held-out passage, and it keeps
+per-query ranks and the Lee cosine matrices (run folder: final_eval.npz). Each paired difference
+(objective − baseline, and with --model each objective − the starting encoder) gets a 95% percentile
+interval from a two-stage bootstrap: resample seeds, and independently the evaluation items (held-out
+queries; Lee documents, whose pairs are rebuilt from the resampled documents), and recompute the mean
+over resampled seeds of the per-seed difference on the resampled items. "separates" means the interval
+excludes 0. The training encoder MLM loss has no item level: it gets a t-interval over seeds.
+
+Each run goes to OUT_DIR/<objective>_seed<seed> (log in run.log); a finished run there is reused with
+--reuse. Writes the JSON report, a markdown report (--md) and the curves (bench/plot_curves.py).
 """
 
 from __future__ import annotations
@@ -162,6 +175,298 @@ def paired_table(summary: dict, baseline: str, digits: int = 3) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
+# Confidence intervals on paired differences (numpy only)
+# ------------------------------------------------------------------------------------------------
+
+RETRIEVAL_METRICS = ["heldout/mrr10", "heldout/recall1", "heldout/recall10", "heldout/recall100"]
+LEE_CORR_METRICS = ["lee/pearson_cls", "lee/spearman_cls", "lee/pearson_mean", "lee/spearman_mean"]
+CI_METRICS = LEE_CORR_METRICS + ["lee/ndcg10_cls"] + RETRIEVAL_METRICS
+
+# Two-sided 95% Student t quantiles by degrees of freedom (scipy is not a dependency).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t95(df: int) -> float:
+    """The largest tabulated quantile at or below df (conservative between table rows); 1.96 above 30."""
+    if df > 30:
+        return 1.96
+    return _T95[max(k for k in _T95 if k <= df)]
+
+
+def per_query_values(ranks, metric: str):
+    """Per-query value of a retrieval metric, so that its mean is the metric (MRR@10, Recall@k)."""
+    import numpy as np
+
+    ranks = np.asarray(ranks, dtype=float)
+    if metric == "heldout/mrr10":
+        return np.where(ranks <= 10, 1.0 / ranks, 0.0)
+    k = int(metric.rsplit("recall", 1)[1])
+    return (ranks <= k).astype(float)
+
+
+def lee_pairs(doc_idx):
+    """(row, col) document indices of the pairs among a resample of documents: every two positions
+    i < j of the resample whose documents differ (a document drawn twice is not paired with itself)."""
+    import numpy as np
+
+    doc_idx = np.asarray(doc_idx)
+    a, b = np.triu_indices(len(doc_idx), 1)
+    rows, cols = doc_idx[a], doc_idx[b]
+    keep = rows != cols
+    return rows[keep], cols[keep]
+
+
+def item_metric(item_data: dict, metric: str, idx=None) -> float:
+    """A metric of one evaluated run on the items `idx` (a resample; None = all items).
+
+    item_data: {"ranks": per-query ranks, "lee_cls"/"lee_mean": 50x50 cosines, "lee_human": human
+    scores, "ndcg10_cls": per-document nDCG@10}."""
+    import numpy as np
+
+    from retromae_ds.evaluate import pearson, spearman
+
+    if metric in RETRIEVAL_METRICS:
+        v = per_query_values(item_data["ranks"], metric)
+        return float(v.mean() if idx is None else v[idx].mean())
+    if metric == "lee/ndcg10_cls":
+        v = np.asarray(item_data["ndcg10_cls"], dtype=float)
+        return float(np.nanmean(v if idx is None else v[idx]))
+    if metric in LEE_CORR_METRICS:
+        kind, pooling = metric.split("/")[1].split("_")
+        human = np.asarray(item_data["lee_human"])
+        rows, cols = lee_pairs(np.arange(len(human)) if idx is None else idx)
+        x, y = np.asarray(item_data[f"lee_{pooling}"])[rows, cols], human[rows, cols]
+        return pearson(x, y) if kind == "pearson" else spearman(x, y)
+    raise KeyError(metric)
+
+
+def num_items(item_data: dict, metric: str) -> int:
+    return len(item_data["ranks"]) if metric in RETRIEVAL_METRICS else len(item_data["lee_human"])
+
+
+def verdict(low: float, high: float, a: str, b: str) -> str:
+    if low > 0:
+        return f"separates ({a} > {b})"
+    if high < 0:
+        return f"separates ({a} < {b})"
+    return "does not separate"
+
+
+def paired_bootstrap(a_runs: list, b_runs: list, metric_fn, n_items: int, *, n_boot: int = 2000,
+                     seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile interval of mean over seeds of (metric(a_s) − metric(b_s)), two-stage bootstrap.
+
+    a_runs[s], b_runs[s]: what metric_fn(run, item_idx) scores for seed s (same seed = paired: same
+    init, data, masks, and the same evaluation items). Each replicate draws seeds with replacement and,
+    independently, n_items item indices with replacement, shared by both objectives and all seeds
+    (the items are the same queries/documents for every run). Returns diff (on all items and seeds),
+    low, high, per_seed (full-data differences), n_seeds, n_items, n_boot."""
+    import numpy as np
+
+    if len(a_runs) != len(b_runs) or not a_runs:
+        raise ValueError(f"cannot pair {len(a_runs)} runs with {len(b_runs)}")
+    n_seeds = len(a_runs)
+    per_seed = [metric_fn(a, None) - metric_fn(b, None) for a, b in zip(a_runs, b_runs)]
+    rng = np.random.default_rng(seed)
+    stats = np.empty(n_boot)
+    for r in range(n_boot):
+        seeds = rng.integers(0, n_seeds, n_seeds)
+        idx = rng.integers(0, n_items, n_items)
+        cache = {}
+        for s in set(seeds.tolist()):
+            cache[s] = metric_fn(a_runs[s], idx) - metric_fn(b_runs[s], idx)
+        stats[r] = np.mean([cache[s] for s in seeds])
+    alpha = (1 - level) / 2
+    low, high = np.quantile(stats, [alpha, 1 - alpha])
+    return {"diff": float(np.mean(per_seed)), "low": float(low), "high": float(high),
+            "per_seed": [float(x) for x in per_seed], "n_seeds": n_seeds, "n_items": int(n_items),
+            "n_boot": int(n_boot)}
+
+
+def seed_t_interval(a_values: list, b_values: list) -> dict:
+    """95% t-interval of the mean per-seed difference (for numbers with no item level)."""
+    import numpy as np
+
+    d = np.asarray(a_values, dtype=float) - np.asarray(b_values, dtype=float)
+    mean = float(d.mean())
+    if len(d) < 2:
+        return {"diff": mean, "low": math.nan, "high": math.nan, "per_seed": d.tolist(), "n_seeds": len(d)}
+    half = t95(len(d) - 1) * float(d.std(ddof=1)) / math.sqrt(len(d))
+    return {"diff": mean, "low": mean - half, "high": mean + half, "per_seed": d.tolist(), "n_seeds": len(d)}
+
+
+def intervals(items: dict[str, list], results: dict[str, list[dict]], pairs: list[tuple[str, str]], *,
+              n_boot: int = 2000, seed: int = 0) -> dict:
+    """{"a − b": {metric: interval + verdict}} for each (a, b) in pairs. items[objective][s] is the
+    item data of seed s (items["init"] may hold the starting encoder, repeated per seed); results is
+    {objective: [final_metrics per seed]} for the encoder loss."""
+    out = {}
+    for a, b in pairs:
+        table = {}
+        for k, metric in enumerate(CI_METRICS):
+            ci = paired_bootstrap(items[a], items[b], lambda run, idx, m=metric: item_metric(run, m, idx),
+                                  num_items(items[a][0], metric), n_boot=n_boot, seed=seed + k)
+            ci["method"] = "two-stage bootstrap (seeds x items), percentile"
+            table[metric] = ci
+        if a in results and b in results:
+            ci = seed_t_interval([r["encoder_loss"] for r in results[a]], [r["encoder_loss"] for r in results[b]])
+            ci["method"] = "t-interval over seeds"
+            table["encoder_loss"] = ci
+        for ci in table.values():
+            ci["verdict"] = verdict(ci["low"], ci["high"], a, b) if not math.isnan(ci["low"]) else "n/a (1 seed)"
+        out[f"{a} − {b}"] = table
+    return out
+
+
+def intervals_table(ivals: dict, digits: int = 3) -> str:
+    """One row per (comparison, metric): difference, 95% CI, per-seed differences, verdict."""
+    lines = ["| comparison | metric | mean diff | 95% CI | per seed | verdict |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, table in ivals.items():
+        for metric, ci in table.items():
+            label = "encoder MLM loss (train)" if metric == "encoder_loss" else metric
+            seeds = " ".join(f"{x:+.{digits}f}" for x in ci["per_seed"])
+            lines.append(f"| {name} | {label} | {ci['diff']:+.{digits}f} | [{ci['low']:+.{digits}f}, "
+                         f"{ci['high']:+.{digits}f}] | {seeds} | {ci['verdict']} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Final per-item evaluation (same queries for every run)
+# ------------------------------------------------------------------------------------------------
+
+def heldout_for(data: str, heldout_docs: int) -> list:
+    from retromae_ds.data.indexed import IndexedDataset
+    from retromae_ds.evaluate import heldout_blocks
+
+    return heldout_blocks(IndexedDataset(data), heldout_docs)[1]
+
+
+def evaluate_items(encoder, tokenizer, blocks: list, *, eval_seed: int, max_length: int) -> dict:
+    """Per-item evaluation of one encoder: held-out ranks, Lee cosines, per-document nDCG@10, and the
+    aggregate metrics. Each held-out query and target, and each Lee document, is embedded once."""
+    import numpy as np
+
+    from retromae_ds.evaluate import graded_ndcg_per_query, heldout_retrieval, lee_cosines, lee_metrics
+
+    t0 = time.monotonic()
+    cos, human = lee_cosines(encoder, tokenizer, max_length=max_length)
+    t_lee = time.monotonic() - t0
+    ret = heldout_retrieval(encoder, blocks, tokenizer.cls_token_id, tokenizer.sep_token_id,
+                            tokenizer.pad_token_id, seed=eval_seed, max_length=max_length, per_query=True)
+    t_all = time.monotonic() - t0
+    metrics = {**lee_metrics(cos, human), **{k: v for k, v in ret.items() if k != "heldout/ranks"}}
+    return {"ranks": np.asarray(ret["heldout/ranks"], dtype=np.int64), "lee_cls": cos["cls"],
+            "lee_mean": cos["mean"], "lee_human": human, "ndcg10_cls": graded_ndcg_per_query(cos["cls"], human),
+            "metrics": metrics, "seconds": {"lee": t_lee, "heldout": t_all - t_lee, "total": t_all}}
+
+
+def save_items(path: Path, items: dict) -> None:
+    import numpy as np
+
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, ranks=items["ranks"], lee_cls=items["lee_cls"], lee_mean=items["lee_mean"],
+             lee_human=items["lee_human"], ndcg10_cls=items["ndcg10_cls"],
+             meta=json.dumps({"metrics": items["metrics"], "seconds": items["seconds"]}))
+    tmp.replace(path)
+
+
+def load_items(path: Path) -> dict:
+    import numpy as np
+
+    with np.load(path) as z:
+        items = {k: z[k] for k in ("ranks", "lee_cls", "lee_mean", "lee_human", "ndcg10_cls")}
+        items.update(json.loads(str(z["meta"])))
+    return items
+
+
+def eval_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def final_items(run_dir: Path, blocks: list, args) -> dict:
+    """final_eval.npz of a run (computed from its last checkpoint when missing or stale)."""
+    path = run_dir / "final_eval.npz"
+    stamp = {"eval_seed": args.eval_seed, "heldout_docs": args.heldout_docs, "max_length": args.eval_max_length}
+    if path.exists():
+        items = load_items(path)
+        if items.get("metrics", {}).get("stamp") == stamp:
+            return items
+    from retromae_ds.engine.export import load_checkpoint_model
+
+    model, tokenizer, _, _ = load_checkpoint_model(run_dir)
+    items = evaluate_items(model.encoder.to(eval_device()), tokenizer, blocks, eval_seed=args.eval_seed,
+                           max_length=args.eval_max_length)
+    items["metrics"]["stamp"] = stamp
+    save_items(path, items)
+    return items
+
+
+def init_items(model_path: str, blocks: list, args, out_root: Path) -> dict:
+    """Per-item evaluation of the starting encoder of --model runs (the same for every seed)."""
+    path = out_root / "init_eval.npz"
+    stamp = {"eval_seed": args.eval_seed, "heldout_docs": args.heldout_docs, "max_length": args.eval_max_length,
+             "model": str(Path(model_path).resolve())}
+    if path.exists():
+        items = load_items(path)
+        if items.get("metrics", {}).get("stamp") == stamp:
+            return items
+    from retromae_ds.evaluate import load_encoder
+
+    encoder, tokenizer = load_encoder(model_path)
+    items = evaluate_items(encoder.to(eval_device()), tokenizer, blocks, eval_seed=args.eval_seed,
+                           max_length=args.eval_max_length)
+    items["metrics"]["stamp"] = stamp
+    save_items(path, items)
+    return items
+
+
+def mlm_head_digests(model_path: str, objectives: list[str], seeds: list[int]) -> dict[int, dict[str, str]]:
+    """{seed: {objective: digest of the MLM head (cls.predictions.*) as the trainer builds it}}: the
+    trainer's build_model from the --model folder; a missing head is initialised from the seed, and
+    must come out the same whatever else (a decoder, a bag-of-words head) the objective builds."""
+    import hashlib
+
+    from retromae_ds.config import TrainConfig
+    from retromae_ds.engine.build import build_model, load_tokenizer
+
+    digests: dict[int, dict[str, str]] = {}
+    for seed in seeds:
+        for objective in objectives:
+            cfg = TrainConfig(objective=objective, seed=seed, model=model_path)  # the trainer's defaults
+            model = build_model(cfg, load_tokenizer(cfg))
+            h = hashlib.sha256()
+            for name, tensor in sorted(model.lm.state_dict().items()):
+                if name.startswith("cls.predictions."):
+                    h.update(name.encode())
+                    h.update(tensor.detach().float().contiguous().numpy().tobytes())
+            digests.setdefault(seed, {})[objective] = h.hexdigest()[:16]
+    return digests
+
+
+def first_step_loss_mismatches(run_dirs: dict[str, list[Path]], tol: float = 1e-5) -> list[str]:
+    """With --log-interval 1, the first training record's encoder loss is computed before any update,
+    from the same init, batch and encoder masks: it must agree across objectives for each seed (it
+    would not if the MLM head were initialised differently)."""
+    problems = []
+    objectives = list(run_dirs)
+    for i in range(min(len(v) for v in run_dirs.values())):
+        values = []
+        for o in objectives:
+            train = [r for r in read_records(run_dirs[o][i]) if r.get("kind") == "train"]
+            values.append(train[0]["encoder_loss"] if train and train[0]["step"] == 1 else None)
+        if None in values:
+            continue
+        if max(values) - min(values) > tol:
+            problems.append(f"seed #{i}: step-1 encoder loss differs across objectives: "
+                            + ", ".join(f"{o}={v:.6f}" for o, v in zip(objectives, values)))
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------
 # Running
 # ------------------------------------------------------------------------------------------------
 
@@ -176,17 +481,18 @@ def write_model_config(folder: Path, hidden: int, layers: int, heads: int, inter
     return folder
 
 
-def pretrain_command(args, objective: str, seed: int, model_cfg: Path, tokenizer: str, out: Path) -> list[str]:
+def pretrain_command(args, objective: str, seed: int, model_cfg: Path | None, tokenizer: str, out: Path) -> list[str]:
+    init = ["--model", args.model] if args.model else ["--model-config", str(model_cfg), "--tokenizer", tokenizer]
     return [sys.executable, str(REPO / "launch" / "pretrain.py"),
-            "--deepspeed", str(REPO / "ds_configs" / "zero2.json"), "--data", args.data,
-            "--model-config", str(model_cfg), "--tokenizer", tokenizer, "--objective", objective,
-            "--seed", str(seed), "--max-steps", str(args.steps), "--micro-batch-size", str(args.micro_batch),
-            "--lr", str(args.lr), "--warmup", "0.1", "--eval-interval", str(args.eval_interval),
-            "--eval-heldout-docs", "50", "--eval-max-length", "128", "--log-interval", str(args.log_interval),
+            "--deepspeed", str(REPO / "ds_configs" / args.ds_config), "--data", args.data, *init,
+            "--objective", objective, "--seed", str(seed), "--max-steps", str(args.steps),
+            "--micro-batch-size", str(args.micro_batch), "--lr", str(args.lr), "--warmup", "0.1",
+            "--eval-interval", str(args.eval_interval), "--eval-heldout-docs", str(args.heldout_docs),
+            "--eval-max-length", str(args.eval_max_length), "--log-interval", str(args.log_interval),
             "--save-interval", "0", "--resume", "none", "--no-export", "--output-dir", str(out)]
 
 
-def run_one(args, objective: str, seed: int, model_cfg: Path, tokenizer: str) -> tuple[Path, float | None]:
+def run_one(args, objective: str, seed: int, model_cfg: Path | None, tokenizer: str) -> tuple[Path, float | None]:
     """Train one (objective, seed); returns (output folder, wall seconds; None when reused)."""
     out = Path(args.out_dir) / f"{objective}_seed{seed}"
     if args.reuse and run_finished(out, args.steps):
@@ -227,11 +533,40 @@ def hardware() -> str:
                 break
     except OSError:
         pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{os.cpu_count()} CPU cores ({cpu}), GPU {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
     return f"{os.cpu_count()} CPU cores ({cpu}), no GPU"
 
 
-def main(argv=None) -> int:
+# One ~8-minute call on an H100/H200 (`--preset gpu`): the CPU experiment, 40x longer and 4x wider:
+# the bundled MiniLM (added as --model), retromae vs mlm, 3 seeds x 1,200 steps x 32 blocks (6 epochs
+# of the demo corpus). Sized, not measured (no device in the task that wrote it): bench_model_h200.json
+# has BERT-base RetroMAE at 0.16 s per 32 x 512-token step; MiniLM-L6 at 32 x 128 tokens should take
+# ~0.03 s (mlm less), so ~70 s of steps per seed pair plus ~25 s start-up and evaluation per run.
+# Flags after --preset win (e.g. --steps 600 on a slower card, or --model-less BERT-base below).
+GPU_PRESET = ["--objectives", "retromae", "mlm", "--seeds", "1", "2", "3", "--steps", "1200",
+              "--micro-batch", "32", "--lr", "1e-4", "--eval-interval", "300", "--log-interval", "20",
+              "--heldout-docs", "125", "--eval-max-length", "128", "--ds-config", "zero2.json",
+              "--out-dir", str(REPO / "runs" / "ablation_gpu"),
+              "--json", str(REPO / "bench" / "results" / "ablation_gpu.json"),
+              "--md", str(REPO / "bench" / "results" / "ablation_gpu_tables.md"),
+              "--png", str(REPO / "bench" / "results" / "curves_gpu.png")]
+# BERT-base-sized from random init instead: --preset gpu --no-model --hidden 768 --layers 12 --heads 12
+#   --lr 3e-4 (nothing learns a sentence embedding that fast from scratch; the MiniLM preset is the test).
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=["gpu"], help="gpu: the one-call GPU configuration (flags after it win)")
+    ap.add_argument("--model", help="start every run from this pretrained encoder folder (HF masked-LM or "
+                                    "encoder; a missing MLM head is initialised from the seed) instead of "
+                                    "a random-init BERT of --hidden/--layers/--heads")
+    ap.add_argument("--no-model", action="store_true", help="random init even under --preset gpu")
     ap.add_argument("--objectives", nargs="+", default=["retromae", "mlm", "dupmae"],
                     choices=["retromae", "mlm", "dupmae"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
@@ -239,79 +574,165 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--eval-interval", type=int, default=50)
+    ap.add_argument("--eval-interval", type=int, default=50,
+                    help="trainer evaluation interval; 0 = only its final evaluation (no step-0 check; with "
+                         "--model the starting encoder is evaluated once instead)")
     ap.add_argument("--log-interval", type=int, default=10)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--intermediate", type=int, default=0, help="FFN size (0 = 4 x hidden)")
+    ap.add_argument("--heldout-docs", type=int, default=125,
+                    help="last documents of --data held out of training and used for retrieval (default 125: "
+                         "309 queries on the demo corpus)")
+    ap.add_argument("--eval-max-length", type=int, default=128)
+    ap.add_argument("--eval-seed", type=int, default=0, help="seed of the final evaluation's query spans (same for all runs)")
+    ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates per interval")
+    ap.add_argument("--ds-config", default="zero2.json", help="file in ds_configs/")
     ap.add_argument("--data", default=str(REPO / "data" / "demo" / "minilm_128"),
                     help="prepared data PREFIX (the demo corpus is prepared there if missing)")
     ap.add_argument("--out-dir", default=str(REPO / "runs" / "ablation"), help="one folder per run goes here")
     ap.add_argument("--json", help="JSON report (default OUT_DIR/ablation.json)")
+    ap.add_argument("--md", help="markdown tables (default OUT_DIR/ablation_tables.md)")
     ap.add_argument("--png", help="curves (default OUT_DIR/curves.png; 'none' = no plot)")
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs found in OUT_DIR")
     ap.add_argument("--note", help="free text stored in the JSON report (e.g. how reused runs were timed)")
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = build_parser()
+    first = ap.parse_args(argv)
+    if first.preset == "gpu":
+        argv = GPU_PRESET + [a for a in argv if a not in ("--preset", "gpu")]
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.eval_interval < 1:
-        ap.error("--steps and --eval-interval must be >= 1")
+    if args.steps < 1 or args.eval_interval < 0:
+        ap.error("--steps must be >= 1 and --eval-interval >= 0 (0: the trainer evaluates only at the end)")
     out_root = Path(args.out_dir)
     json_path = Path(args.json) if args.json else out_root / "ablation.json"
+    md_path = Path(args.md) if args.md else out_root / "ablation_tables.md"
     png = None if args.png == "none" else Path(args.png) if args.png else out_root / "curves.png"
 
     sys.path.insert(0, str(REPO))
     from retromae_ds.engine.build import minilm_path
 
-    tokenizer = minilm_path()
+    if args.preset == "gpu" and not args.model and not args.no_model:
+        args.model = minilm_path()
+    if args.no_model:
+        args.model = None
+    if args.model:
+        args.model = str(Path(args.model).resolve())
+        tokenizer, model_cfg = args.model, None
+    else:
+        tokenizer = minilm_path()
     if not Path(args.data + ".idx").exists():
         from retromae_ds.data.prepare import prepare_demo
 
         prepare_demo(args.data, max_seq_len=128)
-    model_cfg = write_model_config(out_root / "model_config", args.hidden, args.layers, args.heads,
-                                   args.intermediate or 4 * args.hidden)
+    if not args.model:
+        model_cfg = write_model_config(out_root / "model_config", args.hidden, args.layers, args.heads,
+                                       args.intermediate or 4 * args.hidden)
+    blocks = heldout_for(args.data, args.heldout_docs)
+
+    head_digests, head_mismatches = {}, []
+    if args.model:
+        head_digests = mlm_head_digests(args.model, args.objectives, args.seeds)
+        head_mismatches = [f"seed {s}: MLM head differs across objectives: {d}"
+                           for s, d in head_digests.items() if len(set(d.values())) > 1]
 
     t0 = time.monotonic()
-    results, run_dirs, walls = {}, {}, {}
-    for objective in args.objectives:
-        for seed in args.seeds:
+    results, run_dirs, walls, items, eval_seconds = {}, {}, {}, {}, []
+    for seed in args.seeds:  # seed-major: a cut-short sweep still leaves complete pairs
+        for objective in args.objectives:
             out, wall = run_one(args, objective, seed, model_cfg, tokenizer)
             results.setdefault(objective, []).append(final_metrics(out))
             run_dirs.setdefault(objective, []).append(out)
             walls[f"{objective}_seed{seed}"] = None if wall is None else round(wall, 1)
+            it = final_items(out, blocks, args)
+            items.setdefault(objective, []).append(it)
+            eval_seconds.append(it["seconds"]["total"])
     total = time.monotonic() - t0
+
+    pairs = [(o, args.baseline) for o in args.objectives if o != args.baseline and args.baseline in args.objectives]
+    if args.model:
+        items["init"] = [init_items(args.model, blocks, args, out_root)] * len(args.seeds)
+        pairs += [(o, "init") for o in args.objectives]
+    ivals = intervals(items, results, pairs, n_boot=args.n_boot)
 
     summary = summarise(results, args.baseline)
     mismatches = init_mismatches(results)
+    step1 = first_step_loss_mismatches(run_dirs)
     table = markdown_table(summary)
     paired = paired_table(summary, args.baseline)
+    ci_table = intervals_table(ivals)
+    final_table = final_eval_table(items, args.objectives)
     report = {
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "2") + " python bench/ablation.py "
-                   + " ".join(argv if argv is not None else sys.argv[1:]),
+                   + " ".join(argv),
         "hardware": hardware(), "wall_s": round(total, 1), "run_wall_s": walls,
         "reused_runs": [name for name, wall in walls.items() if wall is None], "note": args.note,
-        "args": vars(args), "model_config": json.loads((model_cfg / "config.json").read_text()),
-        "init_identical_across_objectives": not mismatches, "init_mismatches": mismatches,
+        "args": vars(args),
+        "model_config": json.loads((model_cfg / "config.json").read_text()) if model_cfg else args.model,
+        "heldout": {"docs": args.heldout_docs, "passages": len(blocks),
+                    "queries": int(len(items[args.objectives[0]][0]["ranks"])), "eval_seed": args.eval_seed},
+        "final_eval_seconds": {"median": float(sorted(eval_seconds)[len(eval_seconds) // 2]),
+                               "all": [round(x, 2) for x in eval_seconds]},
+        "init_identical_across_objectives": (not mismatches) if summary["init"] else None,  # None: no step-0 evals
+        "init_mismatches": mismatches,
+        "mlm_head_digests": {str(k): v for k, v in head_digests.items()},
+        "mlm_head_identical_across_objectives": not head_mismatches if args.model else None,
+        "step1_encoder_loss_mismatches": step1,
         "summary": summary, "per_seed": {o: dict(zip(map(str, args.seeds), r)) for o, r in results.items()},
-        "table_markdown": table, "paired_markdown": paired,
+        "final_eval": {o: [it["metrics"] for it in v] for o, v in items.items()},
+        "intervals": ivals,
+        "table_markdown": table, "paired_markdown": paired, "intervals_markdown": ci_table,
+        "final_eval_markdown": final_table,
     }
     write_json_atomic(json_path, report)
+    start = f"from {Path(args.model).name}" if args.model else \
+        f"{args.hidden}-d, {args.layers}-layer BERT from scratch"
     if png is not None:
         sys.path.insert(0, str(REPO / "bench"))
         from plot_curves import plot_curves
 
-        plot_curves(run_dirs, png, title=f"{args.hidden}-d, {args.layers}-layer BERT from scratch on the demo "
-                                         f"corpus, {args.steps} steps x {args.micro_batch}; mean over seeds "
-                                         f"{args.seeds}, shaded min-max")
-    print(f"## Final evaluation at step {args.steps} (mean ± std over seeds {args.seeds})\n")
-    print(table)
-    if paired:
-        print(f"\n## Paired per-seed differences vs {args.baseline}\n")
-        print(paired)
-    print(f"\nstep-0 evaluation identical across objectives: {not mismatches}")
-    for line in mismatches:
+        plot_curves(run_dirs, png, title=f"{start} on {Path(args.data).name}, {args.steps} steps x "
+                                         f"{args.micro_batch}; mean over seeds {args.seeds}, shaded min-max"
+                                         + ("; train losses: trailing mean of 5 steps" if args.log_interval == 1 else ""),
+                    smooth=5 if args.log_interval == 1 else 1)
+    text = (f"## Trainer's final evaluation at step {args.steps} (mean ± std over seeds {args.seeds})\n\n{table}\n\n"
+            f"## Final evaluation on the common query set (eval seed {args.eval_seed}, "
+            f"{report['heldout']['queries']} held-out queries, 50 Lee documents)\n\n{final_table}\n\n"
+            f"## Paired differences with 95% intervals\n\n{ci_table}\n")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text)
+    print(text)
+    print(f"step-0 evaluation identical across objectives: {report['init_identical_across_objectives']}")
+    for line in mismatches + step1 + head_mismatches:
         print("  " + line)
-    print(f"wall time {total:.0f} s; report: {json_path}" + (f"; curves: {png}" if png else ""))
+    if args.model:
+        print(f"MLM head identical across objectives (per seed): {not head_mismatches}")
+    print(f"final evaluation (Lee + {report['heldout']['queries']} held-out queries): median "
+          f"{report['final_eval_seconds']['median']:.1f} s")
+    print(f"wall time {total:.0f} s; report: {json_path}; tables: {md_path}" + (f"; curves: {png}" if png else ""))
     return 0
+
+
+def final_eval_table(items: dict[str, list], objectives: list[str], digits: int = 3) -> str:
+    """Mean ± std over seeds of the common-query-set evaluation (and the starting encoder's value)."""
+    import numpy as np
+
+    cols = (["init"] if "init" in items else []) + list(objectives)
+    lines = ["| metric | " + " | ".join("start (init)" if c == "init" else c for c in cols) + " |",
+             "|" + " --- |" * (len(cols) + 1)]
+    for metric in CI_METRICS:
+        cells = [metric]
+        for c in cols:
+            v = np.array([item_metric(it, metric) for it in items[c]])
+            cells.append(f"{v[0]:.{digits}f}" if c == "init" else
+                         f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -75,8 +75,20 @@ def aggregate(series: list[tuple[list[int], list[float]]]):
     return np.array(steps), values.mean(axis=0), values.min(axis=0), values.max(axis=0)
 
 
-def plot_curves(groups: dict[str, list[Path]], png, panels=PANELS, title: str | None = None) -> list[str]:
-    """Draw the panels (one line per objective) to `png`; returns the tags drawn. Writes to a
+def moving_average(series: tuple[list[int], list[float]], window: int) -> tuple[list[int], list[float]]:
+    """Trailing mean over the last `window` points (fewer at the start): per-step training losses
+    (--log-interval 1) are too noisy to compare objectives by eye."""
+    steps, values = series
+    if window <= 1:
+        return series
+    out = [sum(values[max(0, i - window + 1): i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+    return steps, out
+
+
+def plot_curves(groups: dict[str, list[Path]], png, panels=PANELS, title: str | None = None,
+                smooth: int = 1) -> list[str]:
+    """Draw the panels (one line per objective) to `png`; returns the tags drawn. Training tags are
+    smoothed by a trailing mean over `smooth` logged points (evaluations never). Writes to a
     temporary name and renames, so a failed plot leaves no half-written PNG."""
     import matplotlib
 
@@ -94,7 +106,8 @@ def plot_curves(groups: dict[str, list[Path]], png, panels=PANELS, title: str | 
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (tag, name) in zip(axes.flat, drawn):
         for i, (objective, runs) in enumerate(scalars.items()):
-            series = [run[tag] for run in runs if tag in run]
+            series = [moving_average(run[tag], smooth if tag.startswith("train/") else 1)
+                      for run in runs if tag in run]
             curve = aggregate(series) if series else None
             if curve is None or all(math.isnan(x) for x in curve[1]):
                 continue  # e.g. the decoder loss of mlm runs: logged as NaN (no decoder)
@@ -127,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="curves.png", help="PNG to write (default: %(default)s)")
     ap.add_argument("--objectives", nargs="+", help="only these objectives, in this order")
     ap.add_argument("--title", help="figure title")
+    ap.add_argument("--smooth", type=int, default=1, help="trailing mean over this many logged training points")
     args = ap.parse_args(argv)
     groups = find_runs(args.runs_dir)
     if args.objectives:
@@ -134,7 +148,7 @@ def main(argv=None) -> int:
     if not groups:
         print(f"no <objective>_seed<N> folders with TensorBoard events under {args.runs_dir}", file=sys.stderr)
         return 2
-    tags = plot_curves(groups, args.out, title=args.title)
+    tags = plot_curves(groups, args.out, title=args.title, smooth=args.smooth)
     print(f"wrote {args.out}: {', '.join(tags)}")
     return 0
 

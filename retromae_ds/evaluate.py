@@ -120,19 +120,17 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x``; tied values share the mean of the ranks they span."""
+    """1-based ranks of ``x``; tied values share the mean of the ranks they span.
+
+    Vectorised (no Python loop over tie groups) because the ablation's bootstrap ranks thousands of
+    resampled pair sets.
+    """
     x = np.asarray(x, dtype=np.float64)
-    order = np.argsort(x, kind="stable")
-    sorted_x = x[order]
-    # boundaries of runs of equal values
-    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
-    ends = np.r_[starts[1:], len(x)]
-    ranks_sorted = np.empty(len(x), dtype=np.float64)
-    for s, e in zip(starts, ends):
-        ranks_sorted[s:e] = (s + 1 + e) / 2.0  # mean of ranks s+1 .. e
-    ranks = np.empty(len(x), dtype=np.float64)
-    ranks[order] = ranks_sorted
-    return ranks
+    if x.size == 0:
+        return x.copy()
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)  # last 1-based rank of each group of equal values
+    return ((ends - counts + 1 + ends) / 2.0)[inverse.reshape(-1)]
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -147,29 +145,38 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(average_ranks(x), average_ranks(y))
 
 
-def graded_ndcg_at_k(scores: np.ndarray, gains: np.ndarray, k: int = 10) -> float:
-    """Mean nDCG@k with each item as a query over all OTHER items (diagonal excluded).
+def graded_ndcg_per_query(scores: np.ndarray, gains: np.ndarray, k: int = 10) -> np.ndarray:
+    """nDCG@k of each item as a query over all OTHER items (diagonal excluded); NaN where IDCG is 0.
 
     ``scores[i, j]`` ranks the candidates for query i (ties broken by index, stably);
     ``gains[i, j]`` is their graded relevance, here the human similarity score in [0, 1], used
-    linearly: DCG = sum gain / log2(rank + 1). IDCG ranks the same candidates by gain. Note that Lee
-    scores are rarely below 0.2, so even a random ranking gets a sizeable nDCG; compare against the
-    random-init figure, not against 0.
+    linearly: DCG = sum gain / log2(rank + 1). IDCG ranks the same candidates by gain. Per query so
+    that the ablation can bootstrap over queries.
     """
     scores = np.asarray(scores, dtype=np.float64)
     gains = np.asarray(gains, dtype=np.float64)
     n = len(scores)
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    values = []
+    values = np.full(n, np.nan)
     for i in range(n):
-        others = np.array([j for j in range(n) if j != i])
+        others = np.array([j for j in range(n) if j != i], dtype=np.int64)
         s, g = scores[i, others], gains[i, others]
         top = np.argsort(-s, kind="stable")[:k]
         ideal = np.sort(g)[::-1][:k]
         idcg = float((ideal * discounts[: len(ideal)]).sum())
         if idcg > 0:
-            values.append(float((g[top] * discounts[: len(top)]).sum()) / idcg)
-    return float(np.mean(values)) if values else 0.0
+            values[i] = float((g[top] * discounts[: len(top)]).sum()) / idcg
+    return values
+
+
+def graded_ndcg_at_k(scores: np.ndarray, gains: np.ndarray, k: int = 10) -> float:
+    """Mean of :func:`graded_ndcg_per_query` over the queries with a positive IDCG. Note that Lee
+    scores are rarely below 0.2, so even a random ranking gets a sizeable nDCG; compare against the
+    random-init figure, not against 0.
+    """
+    values = graded_ndcg_per_query(scores, gains, k)
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else 0.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -203,6 +210,46 @@ def load_lee() -> tuple[list[str], np.ndarray]:
     return docs, human
 
 
+_LEE_IDS_CACHE: dict = {}
+
+
+def lee_ids(tokenizer, max_length: int) -> list[np.ndarray]:
+    """The Lee documents as ids without specials, truncated for max_length; tokenized once per
+    (tokenizer, max_length) and process, since the trainer evaluates the same 50 texts many times."""
+    room = max_length - 2
+    key = (type(tokenizer).__name__, getattr(tokenizer, "name_or_path", ""), len(tokenizer), room)
+    if key not in _LEE_IDS_CACHE:
+        docs, _ = load_lee()
+        ids = tokenizer(docs, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
+        _LEE_IDS_CACHE[key] = [np.asarray(x, dtype=np.int64) for x in ids]
+    return _LEE_IDS_CACHE[key]
+
+
+def lee_cosines(encoder, tokenizer, *, max_length: int = 512, batch_size: int = 32,
+                device=None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """({"cls": 50x50 cosine, "mean": 50x50 cosine}, 50x50 human scores): the raw material of
+    :func:`lee_similarity`, kept whole so that the ablation can bootstrap over documents."""
+    _, human = load_lee()
+    if max_length < 3:
+        raise ValueError(f"max_length must leave room for [CLS], one id and [SEP]; got {max_length}")
+    emb = embed_ids(encoder, lee_ids(tokenizer, max_length), tokenizer.cls_token_id, tokenizer.sep_token_id,
+                    tokenizer.pad_token_id, max_length=max_length, batch_size=batch_size, device=device)
+    return {pooling: emb[pooling] @ emb[pooling].T for pooling in ("cls", "mean")}, human
+
+
+def lee_metrics(cosines: dict[str, np.ndarray], human: np.ndarray) -> dict[str, float]:
+    """Pearson/Spearman over the upper-triangle pairs and mean nDCG@10, per pooling."""
+    iu = np.triu_indices(len(human), 1)
+    results = {}
+    for pooling in ("cls", "mean"):
+        cosine = cosines[pooling]
+        results[f"lee/pearson_{pooling}"] = pearson(cosine[iu], human[iu])
+        results[f"lee/spearman_{pooling}"] = spearman(cosine[iu], human[iu])
+        results[f"lee/ndcg10_{pooling}"] = graded_ndcg_at_k(cosine, human, 10)
+    return {k: results[k] for k in ("lee/pearson_cls", "lee/spearman_cls", "lee/pearson_mean",
+                                     "lee/spearman_mean", "lee/ndcg10_cls", "lee/ndcg10_mean")}
+
+
 def lee_similarity(encoder, tokenizer, *, max_length: int = 512, batch_size: int = 32,
                    device=None) -> dict[str, float]:
     """Pearson/Spearman of embedding cosine vs human scores over the 1,225 Lee pairs, and nDCG@10.
@@ -210,17 +257,8 @@ def lee_similarity(encoder, tokenizer, *, max_length: int = 512, batch_size: int
     Keys: ``lee/{pearson,spearman,ndcg10}_{cls,mean}``. Lee documents are 53-154 MiniLM tokens, so
     any max_length >= 160 scores the full text.
     """
-    docs, human = load_lee()
-    emb = embed_texts(encoder, tokenizer, docs, max_length=max_length, batch_size=batch_size, device=device)
-    iu = np.triu_indices(len(docs), 1)
-    results = {}
-    for pooling in ("cls", "mean"):
-        cosine = emb[pooling] @ emb[pooling].T
-        results[f"lee/pearson_{pooling}"] = pearson(cosine[iu], human[iu])
-        results[f"lee/spearman_{pooling}"] = spearman(cosine[iu], human[iu])
-        results[f"lee/ndcg10_{pooling}"] = graded_ndcg_at_k(cosine, human, 10)
-    return {k: results[k] for k in ("lee/pearson_cls", "lee/spearman_cls", "lee/pearson_mean",
-                                     "lee/spearman_mean", "lee/ndcg10_cls", "lee/ndcg10_mean")}
+    cosines, human = lee_cosines(encoder, tokenizer, max_length=max_length, batch_size=batch_size, device=device)
+    return lee_metrics(cosines, human)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,39 +297,75 @@ def retrieval_ranks(query_emb: np.ndarray, target_emb: np.ndarray) -> np.ndarray
     return (scores >= correct).sum(axis=1)
 
 
-def heldout_retrieval(encoder, blocks: Sequence[np.ndarray], cls_id: int, sep_id: int, pad_id: int, *,
-                      seed: int = 0, query_fraction: float = 0.25, min_len: int = 16,
-                      max_length: int = 512, batch_size: int = 32, device=None) -> dict[str, float]:
-    """MRR@10 and Recall@1/10/100 of span -> rest-of-passage retrieval by [CLS] cosine.
+_HELDOUT_SPLIT_CACHE: dict = {}
 
-    Passages with fewer than ``min_len`` ids are skipped. Per passage (in order) a span of
-    ``query_fraction`` of its ids is cut at a start drawn from ``numpy.random.default_rng(seed)``;
-    the query is the span, the target the passage without it. Each query ranks all targets. The same
-    seed gives the same queries, so numbers are comparable across checkpoints.
-    """
-    rng = np.random.default_rng(seed)
-    queries, targets = [], []
-    for ids in blocks:
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(ids) < min_len:
-            continue
-        q, t = split_query_target(ids, rng, query_fraction)
-        queries.append(q)
-        targets.append(t)
-    if not queries:
-        return {"heldout/mrr10": 0.0, "heldout/recall1": 0.0, "heldout/recall10": 0.0,
-                "heldout/recall100": 0.0, "heldout/num_queries": 0}
-    kw = dict(batch_size=batch_size, max_length=max_length, device=device)
-    q_emb = embed_ids(encoder, queries, cls_id, sep_id, pad_id, **kw)["cls"]
-    t_emb = embed_ids(encoder, targets, cls_id, sep_id, pad_id, **kw)["cls"]
-    ranks = retrieval_ranks(q_emb, t_emb)
+
+def heldout_queries(blocks: Sequence[np.ndarray], *, seed: int = 0, query_fraction: float = 0.25,
+                    min_len: int = 16) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(queries, targets): per passage of at least ``min_len`` ids (in order), a span of
+    ``query_fraction`` of its ids cut at a start drawn from ``numpy.random.default_rng(seed)``, and
+    the passage without it. A pure function of the ids and the settings (no process state), cached
+    by a digest of the ids so that repeated evaluations skip the split."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    arrays = [np.ascontiguousarray(np.asarray(ids, dtype=np.int64)) for ids in blocks]
+    for ids in arrays:
+        digest.update(len(ids).to_bytes(8, "little"))
+        digest.update(ids.tobytes())
+    key = (digest.hexdigest(), int(seed), float(query_fraction), int(min_len))
+    if key not in _HELDOUT_SPLIT_CACHE:
+        rng = np.random.default_rng(seed)
+        queries, targets = [], []
+        for ids in arrays:
+            if len(ids) < min_len:
+                continue
+            q, t = split_query_target(ids, rng, query_fraction)
+            queries.append(q)
+            targets.append(t)
+        if len(_HELDOUT_SPLIT_CACHE) > 16:  # several datasets/seeds in one process: stay small
+            _HELDOUT_SPLIT_CACHE.clear()
+        _HELDOUT_SPLIT_CACHE[key] = (queries, targets)
+    return _HELDOUT_SPLIT_CACHE[key]
+
+
+def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
+    """MRR@10 and Recall@1/10/100 of 1-based ranks (empty: all 0)."""
+    ranks = np.asarray(ranks)
+    if len(ranks) == 0:
+        return {"heldout/mrr10": 0.0, "heldout/recall1": 0.0, "heldout/recall10": 0.0, "heldout/recall100": 0.0}
     return {
         "heldout/mrr10": float(np.where(ranks <= 10, 1.0 / ranks, 0.0).mean()),
         "heldout/recall1": float((ranks <= 1).mean()),
         "heldout/recall10": float((ranks <= 10).mean()),
         "heldout/recall100": float((ranks <= 100).mean()),
-        "heldout/num_queries": len(queries),
     }
+
+
+def heldout_retrieval(encoder, blocks: Sequence[np.ndarray], cls_id: int, sep_id: int, pad_id: int, *,
+                      seed: int = 0, query_fraction: float = 0.25, min_len: int = 16,
+                      max_length: int = 512, batch_size: int = 32, device=None,
+                      per_query: bool = False) -> dict:
+    """MRR@10 and Recall@1/10/100 of span -> rest-of-passage retrieval by [CLS] cosine.
+
+    Queries and targets come from :func:`heldout_queries` (passages shorter than ``min_len`` are
+    skipped); each query and each target is embedded exactly once, and each query ranks all targets.
+    The same seed gives the same queries, so numbers are comparable across checkpoints. With
+    ``per_query`` the result also holds "heldout/ranks" (a list of 1-based ranks, in passage order),
+    which the trainer's logger leaves out of metrics.jsonl.
+    """
+    queries, targets = heldout_queries(blocks, seed=seed, query_fraction=query_fraction, min_len=min_len)
+    if not queries:
+        result = {**rank_metrics([]), "heldout/num_queries": 0}
+        return {**result, "heldout/ranks": []} if per_query else result
+    kw = dict(batch_size=batch_size, max_length=max_length, device=device)
+    q_emb = embed_ids(encoder, queries, cls_id, sep_id, pad_id, **kw)["cls"]
+    t_emb = embed_ids(encoder, targets, cls_id, sep_id, pad_id, **kw)["cls"]
+    ranks = retrieval_ranks(q_emb, t_emb)
+    result = {**rank_metrics(ranks), "heldout/num_queries": len(queries)}
+    if per_query:
+        result["heldout/ranks"] = [int(r) for r in ranks]
+    return result
 
 
 # --------------------------------------------------------------------------------------------

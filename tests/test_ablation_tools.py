@@ -174,3 +174,176 @@ def test_plot_curves_writes_png_with_the_tags_present(tmp_path):
     tags = plot_curves.plot_curves(plot_curves.find_runs(tmp_path), tmp_path / "b.png")
     assert tags == ["train/encoder_loss", "train/decoder_loss", "eval/lee/spearman_cls"]
     assert plot_curves.main([str(tmp_path / "out"), "--out", str(tmp_path / "c.png")]) == 2  # no runs there
+
+
+# ------------------------------------------------------------------------------------------------
+# Confidence intervals: synthetic data with a known difference
+# ------------------------------------------------------------------------------------------------
+
+def _mean_fn(values, idx):
+    import numpy as np
+
+    return float(np.mean(values if idx is None else values[idx]))
+
+
+def test_paired_bootstrap_separates_a_small_paired_difference_hidden_in_query_spread():
+    """Queries differ a lot (sd 1), the objectives differ by +0.05 on every query (noise sd 0.02):
+    the paired interval must separate; resampling the two objectives' queries independently (an
+    unpaired interval, se ~ 0.04) would not."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    query_level = rng.normal(0, 1.0, 300)
+    b = [query_level + rng.normal(0, 0.02, 300) for _ in range(4)]
+    a = [x + 0.05 + rng.normal(0, 0.02, 300) for x in b]
+    ci = ablation.paired_bootstrap(a, b, _mean_fn, 300, n_boot=1000, seed=1)
+    assert ci["diff"] == pytest.approx(0.05, abs=0.01)
+    assert 0 < ci["low"] < 0.05 < ci["high"] < 0.1
+    assert ablation.verdict(ci["low"], ci["high"], "a", "b") == "separates (a > b)"
+    assert (ci["n_seeds"], ci["n_items"], len(ci["per_seed"])) == (4, 300, 4)
+
+
+def test_paired_bootstrap_does_not_separate_seed_noise():
+    """No true difference: per-seed offsets of +0.06, -0.02, +0.05, -0.03 (mean +0.015, what 4
+    seeds of training noise look like) on a per-query difference with tiny query noise. An interval
+    over queries alone would 'separate'; the seed level must keep it from doing so."""
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    b = [rng.normal(0.3, 0.2, 400) for _ in range(4)]
+    a = [x + off + rng.normal(0, 0.01, 400) for x, off in zip(b, (0.06, -0.02, 0.05, -0.03))]
+    ci = ablation.paired_bootstrap(a, b, _mean_fn, 400, n_boot=1000, seed=3)
+    assert ci["diff"] == pytest.approx(0.015, abs=0.002)
+    assert ci["low"] < 0 < ci["high"]
+    assert ablation.verdict(ci["low"], ci["high"], "a", "b") == "does not separate"
+    # the mirror image is reported the other way round
+    assert ablation.verdict(-0.2, -0.1, "a", "b") == "separates (a < b)"
+
+
+def test_lee_correlation_bootstrap_separates_less_noise_from_more():
+    """Lee-style item data: cosines = human scores + noise; less noise must correlate better, and
+    the document bootstrap must say so; the same noise level twice must not separate."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    upper = np.triu(rng.uniform(0, 1, (50, 50)), 1)
+    human = upper + upper.T + np.eye(50)
+
+    def run(noise, seed):
+        r = np.random.default_rng(seed)
+        e = np.triu(r.normal(0, noise, (50, 50)), 1)
+        cos = human + e + e.T
+        return {"lee_cls": cos, "lee_mean": cos, "lee_human": human}
+
+    good = [run(0.15, s) for s in range(3)]
+    bad = [run(0.6, 10 + s) for s in range(3)]
+    same = [run(0.6, 20 + s) for s in range(3)]
+    fn = lambda item, idx: ablation.item_metric(item, "lee/spearman_cls", idx)  # noqa: E731
+    ci = ablation.paired_bootstrap(good, bad, fn, 50, n_boot=300, seed=0)
+    assert ci["low"] > 0.2
+    ci = ablation.paired_bootstrap(same, bad, fn, 50, n_boot=300, seed=0)
+    assert ci["low"] < 0 < ci["high"]
+
+
+def test_item_metric_on_all_items_matches_the_evaluator():
+    import numpy as np
+
+    from retromae_ds.evaluate import graded_ndcg_per_query, lee_metrics, rank_metrics
+
+    rng = np.random.default_rng(5)
+    emb = rng.normal(size=(50, 8))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    upper = np.triu(rng.uniform(0, 1, (50, 50)), 1)
+    human = upper + upper.T + np.eye(50)
+    cos = emb @ emb.T
+    ranks = rng.integers(1, 200, 120)
+    item = {"ranks": ranks, "lee_cls": cos, "lee_mean": cos * 0.5, "lee_human": human,
+            "ndcg10_cls": graded_ndcg_per_query(cos, human)}
+    want = {**lee_metrics({"cls": cos, "mean": cos * 0.5}, human), **rank_metrics(ranks)}
+    for metric in ablation.CI_METRICS:
+        assert ablation.item_metric(item, metric) == pytest.approx(want[metric]), metric
+    # a resample with a repeated document pairs it with the others, never with itself
+    rows, cols = ablation.lee_pairs([3, 3, 7])
+    assert sorted(zip(rows.tolist(), cols.tolist())) == [(3, 7), (3, 7)]
+
+
+def test_seed_t_interval_by_hand():
+    ci = ablation.seed_t_interval([1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 0.0])
+    half = 3.182 * statistics.stdev([1, 2, 3, 6]) / 2
+    assert (ci["diff"], ci["low"], ci["high"]) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
+
+
+# ------------------------------------------------------------------------------------------------
+# --model mode end to end: 2 seeds x 2 objectives, a few steps of a tiny pretrained encoder
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_encoder_without_head(tmp_path_factory, minilm_tokenizer_dir):
+    """A 2-layer BERT saved as a plain encoder (BertModel: no MLM head) with MiniLM's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_encoder") / "model"
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg, add_pooling_layer=False).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_tokenizer_dir).save_pretrained(folder)
+    return folder
+
+
+def test_model_mode_two_seeds_two_objectives(tiny_encoder_without_head, tiny_dataset, tmp_path, capsys):
+    import numpy as np
+
+    out = tmp_path / "runs"
+    report_path = tmp_path / "report.json"
+    rc = ablation.main(["--model", str(tiny_encoder_without_head), "--objectives", "retromae", "mlm",
+                        "--seeds", "1", "2", "--steps", "2", "--eval-interval", "2", "--log-interval", "1",
+                        "--micro-batch", "4", "--data", tiny_dataset, "--heldout-docs", "10", "--n-boot", "200",
+                        "--out-dir", str(out), "--json", str(report_path), "--png", "none"])
+    assert rc == 0
+    report = json.loads(report_path.read_text())
+    # step-0 evaluations agree across objectives for each seed; Lee also across seeds (one encoder;
+    # the trainer's held-out spans are drawn from the run's seed, so those differ by seed)
+    assert report["init_identical_across_objectives"] is True and report["init_mismatches"] == []
+    per_seed = report["per_seed"]
+    for seed in ("1", "2"):
+        for metric in ablation.EVAL_METRICS:
+            assert per_seed["retromae"][seed][f"init/{metric}"] == per_seed["mlm"][seed][f"init/{metric}"]
+        assert per_seed["mlm"][seed]["init/lee/spearman_cls"] == per_seed["retromae"]["1"]["init/lee/spearman_cls"]
+    # the missing MLM head: one digest per seed whatever the objective, different across seeds
+    digests = report["mlm_head_digests"]
+    assert report["mlm_head_identical_across_objectives"] is True
+    assert digests["1"]["retromae"] == digests["1"]["mlm"] != digests["2"]["mlm"] == digests["2"]["retromae"]
+    # ... and the trainer really built it that way: the pre-update step-1 encoder loss agrees per seed
+    assert report["step1_encoder_loss_mismatches"] == []
+    step1 = {(o, s): ablation.read_records(out / f"{o}_seed{s}")[1] for o in ("retromae", "mlm") for s in (1, 2)}
+    assert all(r["step"] == 1 and r["kind"] == "train" for r in step1.values())
+    assert step1["retromae", 1]["encoder_loss"] == pytest.approx(step1["mlm", 1]["encoder_loss"], abs=1e-5)
+    assert step1["retromae", 1]["encoder_loss"] != pytest.approx(step1["retromae", 2]["encoder_loss"], abs=1e-5)
+    # the same held-out queries for every run, and intervals for every metric of every comparison
+    n_queries = report["heldout"]["queries"]
+    assert n_queries > 0
+    for objective in ("retromae", "mlm"):
+        for seed in (1, 2):
+            with np.load(out / f"{objective}_seed{seed}" / "final_eval.npz") as z:
+                assert len(z["ranks"]) == n_queries and z["lee_cls"].shape == (50, 50)
+    assert set(report["intervals"]) == {"retromae − mlm", "retromae − init", "mlm − init"}
+    for name, table in report["intervals"].items():
+        expected = set(ablation.CI_METRICS) | ({"encoder_loss"} if "init" not in name else set())
+        assert set(table) == expected, name
+        for metric, ci in table.items():
+            assert math.isfinite(ci["low"]) and math.isfinite(ci["high"]) and ci["low"] <= ci["high"], (name, metric)
+            assert len(ci["per_seed"]) == 2
+            assert ci["verdict"] in ("does not separate", f"separates ({name.split(' − ')[0]} > "
+                                     f"{name.split(' − ')[1]})", f"separates ({name.split(' − ')[0]} < "
+                                     f"{name.split(' − ')[1]})")
+    assert "95% CI" in report["intervals_markdown"]
+    printed = capsys.readouterr().out
+    assert "MLM head identical across objectives (per seed): True" in printed
+
+
+def test_moving_average_smooths_training_series_only_backwards():
+    steps, values = plot_curves.moving_average(([1, 2, 3, 4, 5], [4.0, 2.0, 6.0, 0.0, 2.0]), 3)
+    assert steps == [1, 2, 3, 4, 5] and values == pytest.approx([4.0, 3.0, 4.0, 8 / 3, 8 / 3])
+    assert plot_curves.moving_average(([1, 2], [1.0, 5.0]), 1) == ([1, 2], [1.0, 5.0])

@@ -13,7 +13,8 @@ import torch
 from retromae_ds import cli
 from retromae_ds.errors import UserError
 from retromae_ds.evaluate import (average_ranks, embed_ids, embed_texts, graded_ndcg_at_k, heldout_blocks,
-                                  heldout_retrieval, lee_similarity, pearson, spearman, split_query_target)
+                                  heldout_queries, heldout_retrieval, lee_ids, lee_similarity, pearson,
+                                  rank_metrics, spearman, split_query_target)
 
 
 @pytest.fixture(scope="module")
@@ -246,3 +247,37 @@ def test_cli_eval_bad_model_dir(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.main(["eval", str(tmp_path / "empty")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_average_ranks_vectorised_matches_a_loop_on_random_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 30, 500).astype(float)
+    want = np.empty(len(x))
+    for i, v in enumerate(x):
+        below, equal = (x < v).sum(), (x == v).sum()
+        want[i] = below + (equal + 1) / 2
+    np.testing.assert_allclose(average_ranks(x), want)
+
+
+def test_heldout_per_query_ranks_give_the_aggregates_and_the_split_is_cached():
+    blocks = disjoint_passages(n=40)
+    encoder = NoiseEncoder()
+    got = heldout_retrieval(encoder, blocks, 0, 1, 2, seed=5, per_query=True)
+    ranks = np.array(got["heldout/ranks"])
+    assert len(ranks) == got["heldout/num_queries"] == 40 and ranks.min() >= 1 and ranks.max() <= 40
+    assert {k: got[k] for k in rank_metrics(ranks)} == rank_metrics(ranks)
+    assert "heldout/ranks" not in heldout_retrieval(encoder, blocks, 0, 1, 2, seed=5)
+    # the split is a function of ids + seed: copies of the blocks hit the same cache entry
+    first = heldout_queries(blocks, seed=5)
+    assert heldout_queries([b.copy() for b in blocks], seed=5) is first
+    assert heldout_queries(blocks, seed=6)[0][0].tolist() != first[0][0].tolist() or \
+        heldout_queries(blocks, seed=6)[0][1].tolist() != first[0][1].tolist()
+
+
+def test_lee_ids_are_tokenized_once(minilm_tokenizer, monkeypatch):
+    first = lee_ids(minilm_tokenizer, 128)
+    assert len(first) == 50 and all(len(x) <= 126 for x in first)
+    calls = []
+    monkeypatch.setattr(type(minilm_tokenizer), "__call__",
+                        lambda self, *a, **k: calls.append(1) or (_ for _ in ()).throw(AssertionError))
+    assert lee_ids(minilm_tokenizer, 128) is first and not calls
