@@ -88,6 +88,8 @@ class TrainConfig:
     inject_nonfinite_steps: list = _f([], argparse.SUPPRESS)
     # ... only in this micro-batch of those steps (-1 = every micro-batch).
     inject_nonfinite_micro: int = _f(-1, argparse.SUPPRESS)
+    # Test hook: SIGTERM this process right after the interval save of this step.
+    inject_signal_at_save: int = _f(0, argparse.SUPPRESS)
 
     # Names the user set explicitly (YAML or CLI); not a flag.
     explicit: set = field(default_factory=set, metadata={"internal": True})

@@ -357,8 +357,13 @@ class Trainer:
                     logger.log(step, evaluate(), kind="eval")
                     paused = True
                 if cfg.save_interval and step % cfg.save_interval == 0 and not finished:
-                    save(step, "interval")
-                    last_saved = step
+                    # during a run of NaN/inf steps: save only finite weights, and prune nothing, so the
+                    # checkpoint from before the trouble survives whatever DeepSpeed did with the gradients
+                    if consecutive_bad == 0 or not all_reduce_max([float(not _weights_finite(engine))], device)[0]:
+                        save(step, "interval", prune=consecutive_bad == 0)
+                        last_saved = step
+                    if step == cfg.inject_signal_at_save:
+                        os.kill(os.getpid(), signal.SIGTERM)
                     paused = True
                 if paused and not (got_signal or out_of_time):
                     got_signal, out_of_time = stop_flags()
