@@ -9,7 +9,9 @@ Semantics (see shared/notes/retromae-semantics.md): a sample is [CLS] t1..tn [SE
 with ratio p covers at most max(1, round((n + 2) * p)) tokens, visiting the words in random order and
 taking a word only if it still fits. The encoder gets one draw, corrupted 80% [MASK] / 10% random
 non-special id / 10% unchanged. The decoder gets a fresh draw per attention row plus the row's own
-position; [CLS] and [SEP] are never drawn and padding is never visible.
+position; [CLS] and [SEP] are never drawn and padding is never visible. With `pool=K` (the published
+collator's scheme, K = 128 there) a sample instead draws min(n + 2, K) masks and every row takes a
+uniformly random one of them.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def reference_draw(words: list[list[int]], n_tokens: int, ratio: float, rng: ran
 
 def reference_sample(ids: list[int], continuation: list[bool], seq_len: int, cls_id: int, sep_id: int, pad_id: int,
                      mask_id: int, replacement_ids: list[int], enc_ratio: float, dec_ratio: float,
-                     rng: random.Random) -> dict:
+                     rng: random.Random, pool: int = 0) -> dict:
     """The six outputs of one sample as Python lists (decoder mask: list of rows, True = visible)."""
     n = len(ids)
     seq = [cls_id] + list(ids) + [sep_id] + [pad_id] * (seq_len - n - 2)
@@ -69,8 +71,9 @@ def reference_sample(ids: list[int], continuation: list[bool], seq_len: int, cls
             enc_ids[pos] = rng.choice(replacement_ids)
 
     visible = [[False] * seq_len for _ in range(seq_len)]
+    members = [reference_draw(words, n + 2, dec_ratio, rng) for _ in range(min(n + 2, pool))]
     for row in range(n + 2):
-        hidden = reference_draw(words, n + 2, dec_ratio, rng)
+        hidden = set(rng.choice(members)) if members else reference_draw(words, n + 2, dec_ratio, rng)
         hidden.add(row)
         visible[row][: n + 2] = [col not in hidden for col in range(n + 2)]
 
@@ -84,15 +87,15 @@ def reference_sample(ids: list[int], continuation: list[bool], seq_len: int, cls
 
 def reference_masks(tokens_list: list[list[int]], continuation: list[bool], cls_id: int, sep_id: int, pad_id: int,
                     mask_id: int, replacement_ids: list[int], rng: random.Random, enc_ratio: float = 0.3,
-                    dec_ratio: float = 0.5) -> dict[str, torch.Tensor]:
+                    dec_ratio: float = 0.5, pool: int = 0) -> dict[str, torch.Tensor]:
     """The per-sample Python version of `MaskGenerator.__call__`: same keys, shapes and dtypes.
 
     `tokens_list` holds blocks of ids without specials; L = longest block + 2 (no rounding, unlike
-    `collate_blocks`); all randomness comes from `rng`.
+    `collate_blocks`); all randomness comes from `rng`. `pool`: decoder draws per sample (0 = one per row).
     """
     seq_len = max(len(block) for block in tokens_list) + 2
     samples = [reference_sample(list(block), continuation, seq_len, cls_id, sep_id, pad_id, mask_id,
-                                replacement_ids, enc_ratio, dec_ratio, rng) for block in tokens_list]
+                                replacement_ids, enc_ratio, dec_ratio, rng, pool) for block in tokens_list]
     out = {key: torch.tensor([sample[key] for sample in samples]) for key in samples[0]}
     out["decoder_attention_mask"] = out["decoder_attention_mask"].bool()
     return out

@@ -4,6 +4,7 @@ tests/masking_reference.py (re-exported here for bench/bench_model.py; deliberat
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -347,3 +348,168 @@ def test_invalid_ratio_and_missing_special_tokens_are_user_errors():
         synthetic_generator(encoder_mask_ratio=1.5)
     with pytest.raises(UserError, match="mask_token"):
         MaskGenerator(synthetic_continuation(), 2, 3, 0, None, VOCAB, [0, 1, 2, 3])
+
+
+# --------------------------------------------------------------------------------------------------
+# decoder mask pool: K whole-word draws per sample, each attention row picks one
+
+
+def pool_generator(pool: int, **kwargs) -> MaskGenerator:
+    return synthetic_generator(decoder_mask_pool=pool, **kwargs)
+
+
+def hidden_rows(out: dict, b: int, n: int) -> torch.Tensor:
+    """Sample b's real rows/columns of the decoder mask as True = hidden, [n + 2, n + 2]."""
+    return ~out["decoder_attention_mask"][b, :n + 2, :n + 2]
+
+
+@pytest.mark.parametrize("pool", [0, 1, 128])
+def test_pool_masks_have_the_reference_structure(minilm_batch, pool):
+    """Whole words, own position hidden, [CLS] and [SEP] seen, padding never visible, budget kept."""
+    gen, tokens, lengths, table = minilm_batch
+    pooled = copy.copy(gen)
+    pooled.decoder_mask_pool = pool
+    for step in range(2):
+        check_structure(pooled(tokens, lengths, mask_rng(7, step, 0, "cpu")), tokens, lengths, table, pooled)
+
+
+@pytest.mark.parametrize("pool", [1, 4, 128])
+def test_pool_rows_have_the_per_row_distribution(pool):
+    """Per row and column, the chance of being hidden (and each row's visible share) equals the
+    per-row draw's (K = 0) within sampling error, whatever the pool size: a row's pool member is one
+    draw. Rows of one sample are correlated, but each cell is compared across independent samples."""
+    rng = random.Random(11)
+    ids = synthetic_block([2, 1, 1, 3, 1, 1, 2, 1, 4, 1, 1, 1], rng)
+    repeats = 600
+    tokens, lengths = collate_blocks([np.array(ids)] * repeats, 0, pad_to_multiple_of=None)
+    got = (~pool_generator(pool)(tokens, lengths, mask_rng(0, 0, 0, "cpu"))["decoder_attention_mask"]).float().mean(0)
+    want = (~pool_generator(0)(tokens, lengths, mask_rng(1, 0, 0, "cpu"))["decoder_attention_mask"]).float().mean(0)
+    p = (got + want) / 2
+    assert ((got - want).abs() <= 5 * torch.sqrt(2 * p * (1 - p) / repeats) + 1e-6).all(), (got - want).abs().max()
+    n = len(ids)
+    for share in (got, want):  # hidden per real row: the budget (these words can fill it) + the row itself
+        assert abs(float(share[1:n + 1, 1:n + 1].sum(1).mean()) - 1 - round((n + 2) * 0.5)) < 0.6
+
+
+def test_pool_of_one_shares_one_draw_per_sample():
+    """K = 1: all rows of a sample hide the same whole-word draw, apart from their own position."""
+    rng = random.Random(2)
+    blocks = [np.array(synthetic_block([rng.choice([1, 1, 2, 3]) for _ in range(k)], rng)) for k in (6, 25, 40, 13)]
+    tokens, lengths = collate_blocks(blocks, 0)
+    table = synthetic_continuation()
+    for step in range(3):
+        out = pool_generator(1)(tokens, lengths, mask_rng(4, step, 0, "cpu"))
+        for b, n in enumerate(lengths.tolist()):
+            hidden = hidden_rows(out, b, n)
+            off_diagonal = ~torch.eye(n + 2, dtype=torch.bool)
+            for col in range(n + 2):
+                values = hidden[off_diagonal[:, col], col]
+                assert values.all() or not values.any(), (b, col)
+            shared = hidden[0].clone()                        # the draw + row 0's own column ([CLS], never drawn)
+            shared[0] = False
+            covered = int(shared.sum())
+            assert 1 <= covered <= max(1, round((n + 2) * 0.5))
+            for word in word_spans(out["decoder_input_ids"][b], n, table):
+                assert len(set(shared[word].tolist())) == 1
+
+
+def shared_pairs_rate(out: dict, b: int, n: int) -> float:
+    """Share of row pairs (i < j) of sample b whose hidden columns agree outside i and j: rows that
+    took the same pool member (plus rare coincidences of two different draws)."""
+    hidden = hidden_rows(out, b, n).clone()
+    rows = n + 2
+    same = 0
+    for i in range(rows):
+        for j in range(i + 1, rows):
+            keep = torch.ones(rows, dtype=torch.bool)
+            keep[[i, j]] = False
+            same += bool(torch.equal(hidden[i, keep], hidden[j, keep]))
+    return same / (rows * (rows - 1) / 2)
+
+
+def test_pool_size_per_sample_is_the_references():
+    """A sample of n + 2 < K tokens picks among min(K, n + 2) members, like the reference collator
+    (rows share a member 1/16 of the time here, not 1/128), even when a longer sample sets L = K."""
+    rng = random.Random(9)
+    short = synthetic_block([1] * 14, rng)                     # 16 rows; 3,003 possible draws
+    long = synthetic_block([1] * 126, rng)                     # L = 128 = K
+    repeats = 60
+    tokens, lengths = collate_blocks([np.array(short), np.array(long)] * repeats, 0, pad_to_multiple_of=None)
+    out = pool_generator(128)(tokens, lengths, mask_rng(3, 0, 0, "cpu"))
+    got = np.mean([shared_pairs_rate(out, 2 * r, 14) for r in range(repeats)])
+    ref_rng = random.Random(1)
+    ref = reference_masks([short] * repeats, synthetic_continuation().tolist(), 2, 3, 0, 4, [7], ref_rng, pool=128)
+    want = np.mean([shared_pairs_rate(ref, r, 14) for r in range(repeats)])
+    assert abs(want - 1 / 16) < 0.02 and abs(got - want) < 0.025, (got, want)
+    long_rate = shared_pairs_rate(out, 1, 126)                 # 128 members: rows rarely share
+    assert long_rate < 0.02, long_rate
+
+
+@pytest.mark.parametrize("pool", [0, 1, 128])
+def test_pool_masks_are_reproducible_from_the_seed(pool):
+    rng = random.Random(6)
+    blocks = [np.array(synthetic_block([rng.choice([1, 1, 2, 3]) for _ in range(k)], rng)) for k in (20, 31, 9)]
+    tokens, lengths = collate_blocks(blocks, 0)
+    gen = pool_generator(pool)
+    first = gen(tokens, lengths, mask_rng(3, 10, 1, "cpu"))
+    again = pool_generator(pool)(tokens, lengths, mask_rng(3, 10, 1, "cpu"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    for other in (mask_rng(3, 11, 1, "cpu"), mask_rng(3, 10, 0, "cpu"), mask_rng(4, 10, 1, "cpu")):
+        assert not torch.equal(gen(tokens, lengths, other)["decoder_attention_mask"], first["decoder_attention_mask"])
+
+
+def test_no_pool_reproduces_the_per_row_masks_bit_for_bit():
+    """decoder_mask_pool=0 is the pre-pool generator: this digest was recorded with the code before
+    the pool existed (same torch CPU generator). A change here changes every run's masks."""
+    import hashlib
+
+    rng = random.Random(21)
+    blocks = [np.array(synthetic_block([rng.choice([1, 1, 1, 2, 3, 7]) for _ in range(k)], rng)) for k in (5, 30, 17)]
+    tokens, lengths = collate_blocks(blocks, 0)
+    out = pool_generator(0)(tokens, lengths, mask_rng(5, 3, 1, "cpu"))
+    digest = hashlib.sha256()
+    for key in sorted(out):
+        digest.update(key.encode())
+        digest.update(out[key].to(torch.int64).numpy().tobytes())
+    assert digest.hexdigest() == "580cc88620e89fa6b4cd5c0fdb228f21e34a24aebbc48abbb4703300a9247754"
+
+
+@pytest.mark.parametrize("lengths", [MIXED_LENGTHS, MOSTLY_LONG, [9, 1, 1, 1, 1, 1, 1, 1, 1, 2, 7, 1, 1, 1]])
+def test_sync_free_rounds_give_the_same_draw(lengths):
+    """`max_word_len` (fixed rounds, no host sync) must reproduce the compacting loop exactly."""
+    draws = 3000
+    word_len = torch.tensor(lengths, dtype=torch.int32).repeat(draws, 1)
+    word_len[::3, -2:] = 0                                     # rows with fewer words
+    for ratio in (0.15, 0.3, 0.5):
+        budget = torch.full((draws,), max(1, round((sum(lengths) + 2) * ratio)))
+        plain = draw_whole_words(word_len, budget, torch.Generator().manual_seed(4))
+        fixed = draw_whole_words(word_len, budget, torch.Generator().manual_seed(4), max_word_len=max(lengths))
+        assert torch.equal(plain, fixed)
+
+
+def test_mask_generator_is_the_same_with_and_without_host_syncs(minilm_batch):
+    """The accelerator path (sync-free rounds, bounded by the batch's longest word) gives the CPU
+    path's masks; and the pool setting leaves the encoder's masks alone."""
+    gen, tokens, lengths, _ = minilm_batch
+    rng = random.Random(3)
+    blocks = [np.array(synthetic_block([1, 6, 1, 1, 2, 1, 1], rng)),          # the longest word is not in sample 0
+              np.array(synthetic_block([1] * 20 + [12] + [rng.choice([1, 1, 2]) for _ in range(20)], rng))]
+    synthetic = collate_blocks(blocks, 0)
+    for masker, (tok, lens) in ((gen, (tokens, lengths)), (pool_generator(128), synthetic)):
+        outs = {}
+        for sync_free in (False, True):
+            masker.sync_free = sync_free
+            outs[sync_free] = masker(tok, lens, mask_rng(1, 2, 0, "cpu"))
+        masker.sync_free = None
+        assert all(torch.equal(outs[False][k], outs[True][k]) for k in outs[False])
+    per_row = pool_generator(0)(*synthetic, mask_rng(1, 2, 0, "cpu"))
+    for key in ("encoder_input_ids", "encoder_labels", "decoder_input_ids", "decoder_labels"):
+        assert torch.equal(per_row[key], outs[True][key]), key
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "128"])
+def test_invalid_pool_is_a_user_error(bad):
+    from retromae_ds.errors import UserError
+
+    with pytest.raises(UserError, match="decoder_mask_pool"):
+        pool_generator(bad)
