@@ -167,7 +167,8 @@ class Trainer:
                                sep_id=tokenizer.sep_token_id, pad_id=pad_id, mask_id=tokenizer.mask_token_id,
                                vocab_size=len(tokenizer), special_ids=list(tokenizer.all_special_ids),
                                encoder_mask_ratio=cfg.encoder_mask_ratio,
-                               decoder_mask_ratio=cfg.decoder_mask_ratio).to(device)
+                               decoder_mask_ratio=cfg.decoder_mask_ratio,
+                               decoder_mask_pool=cfg.decoder_mask_pool).to(device)
         sampler = GlobalBatchSampler(n_train, seed=cfg.seed)
 
         step, skipped_total, tokens_seen, rewarm_from = 0, 0, 0, None
