@@ -15,6 +15,11 @@ Cases:
   blend    two datasets (10% / 90% of N blocks), weights 0.5 / 0.5: build the blend, read its
            per-sample sizes as load_data does, then the sampler as above
 Prints one JSON object: per case the peak and resident MB after each phase, and seconds.
+
+Measured at 100M blocks (2-core shared CPU machine, MB above the post-import baseline):
+  sampler  peak 2291 -> 399, resident 765 -> 399 (int64 permutation plus an int64 copy, now int32 in place)
+  blend    peak 5935 -> 1544, resident 2674 -> 1544; of the 1544: 763 per-sample sizes in int64 (what
+           load_data hands the trainer), 381 the per-dataset walks, 381 the epoch permutation
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ def make_sampler(dataset, seed: int):
 def run_case(case: str, blocks: int) -> dict:
     import numpy as np
 
-    from retromae_ds.data import indexed, sampler as sampler_mod  # noqa: F401  (imports in the baseline)
+    from retromae_ds.data import indexed
 
     baseline = resident_mb()
     phases = {}
@@ -85,9 +90,9 @@ def run_case(case: str, blocks: int) -> dict:
         small = blocks // 10
         dataset = indexed.BlendedDataset([Synthetic(small), Synthetic(blocks - small)], [0.5, 0.5], seed=0)
         mark("blend_built")
-        sizes = np.asarray(dataset.sizes, dtype=np.int64)  # what load_data hands the trainer
+        held = [np.asarray(dataset.sizes, dtype=np.int64)]  # what load_data hands the trainer
         mark("sizes_read")
-        del sizes
+        held.clear()
     sampler = make_sampler(dataset, seed=0)
     batch = sampler.next_global_batch(GLOBAL_BATCH)
     _ = [dataset[int(i)] for i in batch[:8]]
