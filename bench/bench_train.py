@@ -28,12 +28,14 @@ PRESETS = {
 
 
 def parse_settings(text: str) -> list[dict]:
-    """'z2-bf16,z2-fp16,z3-bf16,z2-bf16-ac' -> [{'stage': 2, 'precision': 'bf16', 'ac': False}, ...]"""
+    """'z2-bf16,z2-fp16,z3-bf16,z2-bf16-ac' -> [{'stage': 2, 'precision': 'bf16', 'ac': False}, ...].
+    Suffix `bf16grads`: accumulate and reduce gradients in bf16 instead of the trainer's fp32 default
+    (what that default costs)."""
     out = []
     for item in text.split(","):
         parts = item.strip().split("-")
         out.append({"name": item.strip(), "stage": int(parts[0].lstrip("z")), "precision": parts[1],
-                    "ac": "ac" in parts[2:]})
+                    "ac": "ac" in parts[2:], "low_precision_grads": "bf16grads" in parts[2:]})
     return out
 
 
@@ -58,7 +60,7 @@ def main() -> int:
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from retromae_ds.config import TrainConfig, resolve_deepspeed_config
+    from retromae_ds.config import TrainConfig, load_deepspeed_json, resolve_deepspeed_config
     from retromae_ds.data.masking import MaskGenerator, collate_blocks, mask_rng
     from retromae_ds.engine.build import param_groups
     from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
@@ -84,9 +86,11 @@ def main() -> int:
         if setting["ac"]:
             model.gradient_checkpointing_enable()
         cfg = TrainConfig(micro_batch_size=args.micro_batch, lr=1e-4, precision=setting["precision"])
-        ds = json.load(open(os.path.join(os.path.dirname(__file__), "..", "ds_configs",
-                                         f"zero{setting['stage']}.json")))
+        ds = load_deepspeed_json(f"zero{setting['stage']}")
         ds = resolve_deepspeed_config(ds, cfg, world_size=dist.world_size, precision=setting["precision"])
+        if setting["low_precision_grads"]:
+            ds["data_types"] = {"grad_accum_dtype": "bf16"}
+            ds["communication_data_type"] = "bf16"
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds)
         meter = Throughput(model_config=hf, objective=args.objective, device=device, dtype=setting["precision"],
                            world_size=dist.world_size)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (one H100/H200, < 8 minutes). Prints JSON (and writes $OUT/gpu_check.json when OUT is set):
 #  1. step throughput of BERT-base-sized RetroMAE (random init) at L=512 under DeepSpeed:
-#     ZeRO-2 bf16, ZeRO-2 fp16, ZeRO-3 bf16, each with and without activation checkpointing:
+#     ZeRO-2 bf16, ZeRO-2 fp16, ZeRO-3 bf16, each with and without activation checkpointing, and ZeRO-2 bf16
+#     with bf16 gradient accumulation/reduction (the cost of the trainer's fp32 default):
 #     tokens/s, TFLOPs, MFU, peak memory, loss finiteness (bench/bench_train.py, one process);
 #  2. the real trainer end to end on the GPU (launch/pretrain.py, fp16 loss scaling, ZeRO-2, NCCL):
 #     SIGUSR1 after the first checkpoint -> save + exit 0 -> the same command resumes and finishes,
@@ -18,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 echo "== 1. step throughput matrix" >&2
 python3 bench/bench_train.py --preset bert-base --seq-len "$SEQ_LEN" --micro-batch "$MICRO_BATCH" \
-  --steps "$STEPS" --warmup 3 --settings z2-bf16,z2-bf16-ac,z2-fp16,z2-fp16-ac,z3-bf16,z3-bf16-ac \
+  --steps "$STEPS" --warmup 3 --settings z2-bf16,z2-bf16-bf16grads,z2-bf16-ac,z2-fp16,z2-fp16-ac,z3-bf16,z3-bf16-ac \
   --out "$OUT/gpu_check.json" > "$OUT/bench_train.log" 2>&1
 echo "bench_train exit $?" >&2; grep -v "^\[20" "$OUT/bench_train.log" | tail -n 5 >&2
 
