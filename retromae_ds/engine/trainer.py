@@ -132,7 +132,7 @@ class Trainer:
         model = build_model(cfg, tokenizer)
         cfg.max_seq_len = resolve_max_seq_len(cfg, data.meta, model.lm.config)
         block_cap = cfg.max_seq_len - 2
-        n_train = len(data.train)
+        n_train = getattr(data.train, "samples_per_epoch", len(data.train))  # a blend's epoch: its weighted shares
         world = dist.world_size
 
         # --- DeepSpeed ------------------------------------------------------------------------------
@@ -169,7 +169,7 @@ class Trainer:
                                encoder_mask_ratio=cfg.encoder_mask_ratio,
                                decoder_mask_ratio=cfg.decoder_mask_ratio,
                                decoder_mask_pool=cfg.decoder_mask_pool).to(device)
-        sampler = GlobalBatchSampler(n_train, seed=cfg.seed)
+        sampler = GlobalBatchSampler.for_dataset(data.train, seed=cfg.seed)
 
         step, skipped_total, tokens_seen, rewarm_from = 0, 0, 0, None
         if dist.is_main:
