@@ -119,12 +119,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_max(values: list[float], device) -> list[float]:
-    """Agree on flags/numbers across ranks (e.g. 'a rank got SIGTERM')."""
+def all_reduce_max(values, device) -> list[float]:
+    """Agree on flags/numbers across ranks (e.g. 'a rank got SIGTERM'); `values` a list or a tensor."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if isinstance(values, torch.Tensor):
+        t = values.to(device)
+    else:
+        t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()

@@ -264,6 +264,8 @@ class Trainer:
         budget = config_mod.parse_time_budget(cfg.time_budget)
         start = time.monotonic()
         consecutive_bad = 0
+        bad_run = torch.zeros((), dtype=torch.int64, device=device)  # NaN/inf steps in a row, so far
+        bad_new = torch.zeros((), dtype=torch.int64, device=device)  # NaN/inf steps since the last check
         last_saved = step if resume_from is not None else -1
         exit_code, reason = 0, "finished"
         sizes = np.minimum(data.train_sizes, block_cap) + 2
@@ -292,6 +294,8 @@ class Trainer:
                     tokens, lengths = collate_blocks([data.train[int(i)][:block_cap] for i in micro], pad_id,
                                                     max_tokens=block_cap)
                     micro_no = k * world + dist.rank
+                    if device.type == "cuda":  # page-locked: the copy runs asynchronously to the host
+                        tokens, lengths = tokens.pin_memory(), lengths.pin_memory()
                     batch = masker(tokens.to(device, non_blocking=True), lengths.to(device, non_blocking=True),
                                    mask_rng(cfg.seed, step, micro_no, device))
                     data_wait += time.monotonic() - t_data
@@ -313,18 +317,31 @@ class Trainer:
                     n_micro += 1
                 step += 1
                 tokens_seen += step_tokens
-                bad_here = bool(nonfinite) or not engine.was_step_applied()
-                got_signal, out_of_time, bad = (bool(f) for f in all_reduce_max(
-                    [float(stop.signal != 0), float(budget is not None and time.monotonic() - start > budget),
-                     float(bad_here)], device))
-                if bad:
-                    skipped_total += 1
-                    consecutive_bad += 1
-                else:
-                    consecutive_bad = 0
+                # bookkeeping stays on the device: reading a flag every step would drain the GPU queue
+                bad_step = nonfinite | (not engine.was_step_applied())
+                bad_run = (bad_run + 1) * bad_step
+                bad_new += bad_step
                 meter.update(step_time=time.monotonic() - t0, data_wait=data_wait, tokens=step_tokens,
                              samples=global_batch, seq_len=cfg.max_seq_len)
                 finished = steps_left() == 0
+                eval_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0 and not finished
+                save_now = bool(cfg.save_interval) and step % cfg.save_interval == 0 and not finished
+                got_signal = out_of_time = False
+                if step % cfg.log_interval == 0 or finished or eval_now or save_now:
+                    # The step's one host-device sync, every --log-interval steps (and before a save or
+                    # an evaluation): all ranks agree on signals, the time budget and NaN/inf steps. So a
+                    # stop request or the --max-nonfinite-steps limit acts up to --log-interval steps late;
+                    # the checkpoint is still exact. DeepSpeed skips a bad step on every rank at once, so
+                    # the ranks' counts agree and MAX merges them.
+                    flags = torch.tensor([float(stop.signal != 0),
+                                          float(budget is not None and time.monotonic() - start > budget)],
+                                         dtype=torch.float64)
+                    got_signal, out_of_time, run_max, new_max = (all_reduce_max(torch.cat(
+                        [flags.to(device), torch.stack([bad_run, bad_new]).to(torch.float64)]), device))
+                    got_signal, out_of_time = bool(got_signal), bool(out_of_time)
+                    consecutive_bad = int(run_max)
+                    skipped_total += int(new_max)
+                    bad_new.zero_()
 
                 if step % cfg.log_interval == 0 or finished:
                     sums = all_reduce_sum(loss_sum.tolist() + [float(acc_sum), float(n_micro)], device)
@@ -354,10 +371,10 @@ class Trainer:
                     exit_code, reason = EXIT_NONFINITE, "non-finite"
                     break
                 paused = False  # an evaluation or save ran: a signal may have arrived meanwhile
-                if cfg.eval_interval and step % cfg.eval_interval == 0 and not finished:
+                if eval_now:
                     logger.log(step, evaluate(), kind="eval")
                     paused = True
-                if cfg.save_interval and step % cfg.save_interval == 0 and not finished:
+                if save_now:
                     # during a run of NaN/inf steps: save only finite weights, and prune nothing, so the
                     # checkpoint from before the trouble survives whatever DeepSpeed did with the gradients
                     if consecutive_bad == 0 or not all_reduce_max([float(not _weights_finite(engine))], device)[0]:
