@@ -13,6 +13,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = str(REPO / "launch" / "pretrain.py")
+# launch/pretrain.py plus instrumentation (engine state, forward counts, fetched blocks): see its docstring
+PROBE = str(REPO / "tests" / "probe_pretrain.py")
 
 TINY_BERT = dict(
     architectures=["BertForMaskedLM"], model_type="bert", vocab_size=30522, hidden_size=64,
@@ -36,27 +38,28 @@ def run_env(extra: dict | None = None) -> dict:
     return env
 
 
-def command(launcher: str, nproc: int, args: list[str]) -> list[str]:
+def command(launcher: str, nproc: int, args: list[str], script: str = PRETRAIN) -> list[str]:
     if launcher == "python":
         assert nproc == 1
-        return [sys.executable, PRETRAIN, *args]
+        return [sys.executable, script, *args]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-port", str(free_port()), PRETRAIN, *args]
+                "--master-port", str(free_port()), script, *args]
     if launcher == "deepspeed":
-        return ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), PRETRAIN, *args]
+        return ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), script, *args]
     raise ValueError(launcher)
 
 
-def start(launcher: str, nproc: int, args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+def start(launcher: str, nproc: int, args: list[str], log: Path, env: dict | None = None,
+          script: str = PRETRAIN) -> subprocess.Popen:
     f = open(log, "w")
-    return subprocess.Popen(command(launcher, nproc, args), stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
+    return subprocess.Popen(command(launcher, nproc, args, script), stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
                             env=run_env(env), start_new_session=True)
 
 
 def run(launcher: str, nproc: int, args: list[str], log: Path, timeout: float = 420,
-        env: dict | None = None) -> subprocess.CompletedProcess:
-    proc = start(launcher, nproc, args, log, env)
+        env: dict | None = None, script: str = PRETRAIN) -> subprocess.CompletedProcess:
+    proc = start(launcher, nproc, args, log, env, script)
     try:
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -81,6 +84,33 @@ def metrics(out_dir: Path, kind: str = "train") -> list[dict]:
 
 def losses(out_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in metrics(out_dir)}
+
+
+def grad_norms(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["grad_norm"] for r in metrics(out_dir)}
+
+
+def probe_env(probe_dir: Path, save_init: bool = False, sigterm_after: int = 0) -> dict:
+    """Environment for a run launched with script=PROBE (see tests/probe_pretrain.py)."""
+    env = {"RETROMAE_TEST_PROBE": str(probe_dir)}
+    if save_init:
+        env["RETROMAE_TEST_PROBE_INIT"] = "1"
+    if sigterm_after:
+        env["RETROMAE_TEST_SIGTERM_AFTER"] = str(sigterm_after)
+    return env
+
+
+def probe(probe_dir: Path, rank: int = 0) -> dict:
+    """What a PROBE run recorded; checks that this checkout's package is the one that ran."""
+    record = json.loads((Path(probe_dir) / f"probe_rank{rank}.json").read_text())
+    assert Path(record["module"]).resolve().is_relative_to(REPO), (record["module"], REPO)
+    return record
+
+
+def marker_of_last(out_dir: Path) -> dict:
+    from retromae_ds.engine.checkpoint import complete_checkpoints, read_marker
+
+    return read_marker(complete_checkpoints(out_dir)[-1])
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.05) -> None:

@@ -115,6 +115,19 @@ def test_precision_auto():
         C.resolve_precision(parse("--precision", "fp16"), "cpu", False)
 
 
+def test_explicit_precision_is_what_runs():
+    """An explicit --precision is kept on any device (bf16 on CPU is slow but honest), and it is what
+    the DeepSpeed JSON enables."""
+    for device, bf16_ok in (("cpu", False), ("cuda", False), ("cuda", True)):
+        for precision in ("bf16", "fp32"):
+            assert C.resolve_precision(parse("--precision", precision), device, bf16_ok) == precision
+    assert C.resolve_precision(parse("--precision", "fp16"), "cuda", True) == "fp16"
+    for precision in ("bf16", "fp16", "fp32"):
+        cfg = parse("--precision", precision)
+        ds = C.resolve_deepspeed_config(ds_json(), cfg, world_size=1, precision=precision)
+        assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is (precision == "fp16")
+
+
 def test_shipped_ds_configs_resolve():
     for name in ("zero2", "zero3", "zero3_offload"):
         cfg = parse()

@@ -1,0 +1,260 @@
+#!/usr/bin/env python
+"""Plant one-line bugs in a copy of the project and check that the relevant tests fail on each.
+
+    python bench/mutation_check.py                  # baseline + every mutation (~15-25 min on 2 cores)
+    python bench/mutation_check.py --list           # the mutations and the tests each one must fail
+    python bench/mutation_check.py --only reshard-no-weights sigterm-skips-a-batch --no-baseline
+    python bench/mutation_check.py --source /tmp/head   # a `git archive HEAD` export instead of the checkout
+
+How: the working tree (without .git, runs/, data/, caches) is copied to a temporary folder once. The
+baseline runs every selected mutation's tests on the unmodified copy: they must pass, else a "caught"
+below would mean nothing. Then, for each mutation, exactly one snippet of one file is replaced (the
+snippet must occur exactly once: a missing or repeated snippet is a script ERROR, not a pass, so that
+edits of the product that move the code show up here), the tests run with `pytest -x`, and the file is
+restored. Tests run in the copy with PYTHONPATH set to it; the test process checks that
+`retromae_ds` is imported from the copy, and the training runs (tests/probe_pretrain.py) record the
+`retromae_ds.__file__` they imported, which the tests check too.
+
+Result per mutation: CAUGHT (pytest exit 1: some test failed), MISSED (the tests passed on the broken
+code), TIMEOUT, or ERROR (snippet not found / ambiguous, pytest usage error, nothing collected).
+Exit status 0 only when the baseline passed and every mutation was CAUGHT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+E = "tests/test_engine.py::"
+
+
+@dataclass
+class Mutation:
+    id: str
+    file: str
+    old: str
+    new: str
+    tests: list[str]
+    what: str
+
+
+MUTATIONS = [
+    Mutation("reshard-no-weights", "retromae_ds/engine/trainer.py",
+             "model.load_state_dict(state, strict=True)", "pass",
+             [E + "test_resume_with_a_different_world_size_continues_the_weights_and_the_data"],
+             "resume with another world size does not load the consolidated weights (back to init)"),
+    Mutation("ac-not-enabled", "retromae_ds/engine/build.py",
+             "if cfg.activation_checkpointing:\n        model.gradient_checkpointing_enable()",
+             "if cfg.activation_checkpointing:\n        pass",
+             [E + "test_activation_checkpointing_recomputes_and_gives_the_same_run"],
+             "--activation-checkpointing ignored (the enable call removed)"),
+    Mutation("ac-decoder-not-recomputed", "retromae_ds/model/retromae.py",
+             "self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={\"use_reentrant\": False})\n"
+             "        self._checkpoint_decoder = True",
+             "self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={\"use_reentrant\": False})\n"
+             "        self._checkpoint_decoder = False",
+             [E + "test_activation_checkpointing_recomputes_and_gives_the_same_run"],
+             "activation checkpointing covers the encoder layers but not the decoder layer"),
+    Mutation("bf16-resolves-to-fp32", "retromae_ds/config.py",
+             "        return cfg.precision\n",
+             "        return \"fp32\" if cfg.precision == \"bf16\" else cfg.precision\n",
+             [E + "test_bf16_runs_in_bf16_with_falling_loss"],
+             "--precision bf16 silently resolved to fp32"),
+    Mutation("bf16-section-never-enabled", "retromae_ds/config.py",
+             "(\"bf16\", precision == \"bf16\")", "(\"bf16\", False)",
+             [E + "test_bf16_runs_in_bf16_with_falling_loss"],
+             "the DeepSpeed JSON's bf16 section is never enabled (the banner still says bf16)"),
+    Mutation("export-encoder-only", "retromae_ds/engine/export.py",
+             "model.save_pretrained(tmp / \"retromae\")", "model.lm.save_pretrained(tmp / \"retromae\")",
+             [E + "test_export_from_zero3_loads_with_automodel_and_sentence_transformers",
+              E + "test_dupmae_continues_from_the_export_with_its_decoder"],
+             "export writes the encoder (MLM model) only, no decoder state, to EXPORT/retromae"),
+    Mutation("sigterm-skips-a-batch", "retromae_ds/engine/trainer.py",
+             "if got_signal or out_of_time:",
+             "if (got_signal or out_of_time) and sampler.next_global_batch(global_batch) is not None:",
+             [E + "test_sigterm_saves_and_exits_zero_then_the_same_command_continues_bit_for_bit"],
+             "a stop on SIGTERM / time budget saves a sampler position one batch ahead"),
+    Mutation("stop-saves-previous-step", "retromae_ds/engine/trainer.py",
+             "path = save(step, reason)", "path = save(step - 1, reason)",
+             [E + "test_sigterm_saves_and_exits_zero_then_the_same_command_continues_bit_for_bit"],
+             "the final / stop checkpoint is tagged one step early"),
+    Mutation("time-budget-ignored", "retromae_ds/engine/trainer.py",
+             "budget = config_mod.parse_time_budget(cfg.time_budget)", "budget = None",
+             [E + "test_time_budget_stops_with_a_checkpoint_and_exit_0"],
+             "--time-budget never stops the run"),
+    Mutation("grad-scaled-by-world", "retromae_ds/engine/trainer.py",
+             "engine.backward(loss)", "engine.backward(loss * world)",
+             [E + "test_zero2_two_ranks_equal_single_process"],
+             "gradients scale with the world size (Adam and clipping hide it in the losses)"),
+    Mutation("resume-on-other-data", "retromae_ds/engine/trainer.py",
+             "self._check_resume_compatible(client, data.fingerprints, resume_from)", "pass",
+             [E + "test_resume_refuses_a_checkpoint_trained_on_different_data"],
+             "resuming a checkpoint trained on different data is not refused"),
+    Mutation("data-weights-ignored", "retromae_ds/engine/build.py",
+             "weights = cfg.data_weights or [float(len(d)) for d in datasets]",
+             "weights = [float(len(d)) for d in datasets]",
+             [E + "test_data_weights_set_the_blend"],
+             "--data-weights ignored (blend proportional to size)"),
+    Mutation("objective-ignored", "retromae_ds/engine/build.py",
+             "rcfg = RetroMAEConfig(objective=cfg.objective,", "rcfg = RetroMAEConfig(objective=\"retromae\",",
+             [E + "test_dupmae_continues_from_the_export_with_its_decoder",
+              E + "test_mlm_objective_trains_the_encoder_only"],
+             "--objective dupmae / mlm builds a plain retromae model"),
+    Mutation("max-seq-len-unchecked", "retromae_ds/engine/build.py",
+             "if max_len + offset > positions:", "if False:",
+             [E + "test_max_seq_len_beyond_the_model_positions_is_a_clear_error"],
+             "--max-seq-len beyond the model's positions is not refused"),
+    Mutation("resume-forgets-data-position", "retromae_ds/engine/trainer.py",
+             "sampler.load_state_dict(client[\"sampler\"])", "pass",
+             [E + "test_resume_after_kill9_is_bitwise_exact_zero2"],
+             "a resume restarts the data order (control: guarded before issue 14)"),
+]
+
+IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", "*.pyc")
+TOP_LEVEL_SKIP = {"runs", "data", ".git"}
+
+# Runs inside the copy: fails unless the package under test is the copy's, then runs pytest.
+PYTEST_WRAPPER = (
+    "import sys, pathlib, retromae_ds, pytest\n"
+    "root = pathlib.Path(sys.argv[1]).resolve()\n"
+    "here = pathlib.Path(retromae_ds.__file__).resolve()\n"
+    "if not here.is_relative_to(root):\n"
+    "    print(f'mutation_check: retromae_ds imported from {here}, not from the copy {root}', flush=True)\n"
+    "    sys.exit(99)\n"
+    "sys.exit(pytest.main(sys.argv[2:]))\n"
+)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name in TOP_LEVEL_SKIP or entry.name.endswith(".egg-info") or entry.name == "__pycache__":
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dst / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, dst / entry.name, ignore=IGNORE, symlinks=True)
+        else:
+            shutil.copy2(entry, dst / entry.name)
+
+
+def run_tests(copy: Path, tests: list[str], timeout: float, log: Path) -> tuple[str, int, float]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(copy) + os.pathsep + env.get("PYTHONPATH", "")
+    basetemp = copy / ".mutation_tmp"
+    shutil.rmtree(basetemp, ignore_errors=True)
+    cmd = [sys.executable, "-c", PYTEST_WRAPPER, str(copy), "-x", "-q", "-p", "no:cacheprovider",
+           f"--basetemp={basetemp}", *tests]
+    t0 = time.monotonic()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+            return "TIMEOUT", -9, time.monotonic() - t0
+    return {0: "PASSED", 1: "FAILED"}.get(rc, "ERROR"), rc, time.monotonic() - t0
+
+
+def failing_tests(log: Path) -> list[str]:
+    return [line.split(" - ")[0].replace("FAILED ", "").replace("ERROR ", "")
+            for line in log.read_text(errors="replace").splitlines() if line.startswith(("FAILED ", "ERROR "))]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="+", metavar="ID", help="run these mutations only")
+    ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the unmodified-copy run")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per pytest run (default 1200)")
+    ap.add_argument("--keep", action="store_true", help="keep the copy and the logs")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    ap.add_argument("--source", type=Path, default=REPO,
+                    help="the tree to copy (default: this checkout's working tree); e.g. an export of a "
+                         "commit when others are editing the checkout")
+    args = ap.parse_args()
+
+    selected = MUTATIONS
+    if args.only:
+        unknown = set(args.only) - {m.id for m in MUTATIONS}
+        if unknown:
+            ap.error(f"unknown mutation ids: {sorted(unknown)}")
+        selected = [m for m in MUTATIONS if m.id in args.only]
+    if args.list:
+        for m in selected:
+            print(f"{m.id:30s} {m.file}: {m.what}\n{'':30s} tests: {' '.join(t.split('::')[-1] for t in m.tests)}")
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="mutation_check_"))
+    copy, logs = work / "repo", work / "logs"
+    copy_tree(args.source.resolve(), copy)
+    logs.mkdir()
+    print(f"copy of {args.source.resolve()} at {copy}; logs in {logs}", flush=True)
+    results = []
+    ok = True
+    if not args.no_baseline:
+        tests = list(dict.fromkeys(t for m in selected for t in m.tests))
+        status, rc, secs = run_tests(copy, tests, args.timeout * 2, logs / "baseline.log")
+        print(f"baseline (unmodified copy, {len(tests)} tests): {status} in {secs:.0f}s", flush=True)
+        results.append({"id": "baseline", "status": status, "seconds": round(secs)})
+        if status != "PASSED":
+            print((logs / "baseline.log").read_text(errors="replace")[-4000:])
+            print("baseline failed: mutation results would mean nothing; stopping.")
+            args.keep = True
+            ok = False
+            selected = []
+
+    for m in selected:
+        path = copy / m.file
+        original = path.read_text()
+        count = original.count(m.old)
+        if count != 1:
+            status = "ERROR"
+            detail = f"snippet found {count} times in {m.file} (must be exactly once): {m.old!r}"
+            print(f"{m.id}: ERROR {detail}", flush=True)
+            results.append({"id": m.id, "status": status, "detail": detail})
+            ok = False
+            continue
+        path.write_text(original.replace(m.old, m.new))
+        try:
+            log = logs / f"{m.id}.log"
+            status, rc, secs = run_tests(copy, m.tests, args.timeout, log)
+        finally:
+            path.write_text(original)
+        verdict = {"FAILED": "CAUGHT", "PASSED": "MISSED"}.get(status, status)
+        failed = failing_tests(log) if verdict == "CAUGHT" else []
+        if verdict != "CAUGHT":
+            ok = False
+            args.keep = True
+            if verdict == "ERROR":
+                print(log.read_text(errors="replace")[-3000:])
+        print(f"{m.id}: {verdict} in {secs:.0f}s {' '.join(t.split('::')[-1] for t in failed)}", flush=True)
+        results.append({"id": m.id, "status": verdict, "seconds": round(secs), "failed": failed,
+                        "what": m.what, "file": m.file})
+
+    print("\n| mutation | file | result | seconds | failing test |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in results:
+        failed = ", ".join(t.split("::")[-1] for t in r.get("failed", [])) or r.get("detail", "")
+        print(f"| {r['id']} | {r.get('file', '')} | {r['status']} | {r.get('seconds', '')} | {failed} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.keep:
+        print(f"kept {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+#!/usr/bin/env python
+"""launch/pretrain.py with test instrumentation: what the trainer really ran, read from its objects.
+
+Used by tests/engine_runs.py in place of launch/pretrain.py (same flags, same product code: this file
+only wraps `deepspeed.initialize`, `build.load_data` and the engine's `step`). With the environment
+variable RETROMAE_TEST_PROBE=DIR set, each rank writes DIR/probe_rank{R}.json at exit:
+
+- engine: what DeepSpeed runs (bf16/fp16 enabled, the dtype of the module's parameters, ZeRO stage,
+  gradient clipping) and whether the module has activation checkpointing on;
+- forwards: training forward calls (module in train mode, grad enabled) of the encoder, of its first
+  layer and of the decoder layer (counted on the first Linear inside each). With activation
+  checkpointing each layer runs twice per micro-batch (forward + recomputation in backward), without
+  it once;
+- blocks: every training block the trainer fetched (token ids), in order;
+- steps: optimizer steps taken in this process.
+
+RETROMAE_TEST_PROBE_INIT=1 also saves the module's state dict as handed to deepspeed.initialize
+(DIR/init_state.pt, rank 0): the starting weights after --model / --resume loading.
+RETROMAE_TEST_SIGTERM_AFTER=K sends SIGTERM to this process group during optimizer step K of this
+process (counted from 1 after any resume): the trainer's own signal path, at a deterministic step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+PROBE = os.environ.get("RETROMAE_TEST_PROBE", "")
+RECORD: dict = {"engine": None, "forwards": {}, "blocks": [], "steps": 0, "module": None}
+
+
+class _RecordingDataset:
+    """Pass-through of the training dataset that records each fetched block."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.sizes = getattr(inner, "sizes", None)
+
+    def __len__(self):
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        block = self.inner[i]
+        RECORD["blocks"].append([int(t) for t in block])
+        return block
+
+
+def first_linear(module):
+    import torch
+
+    return next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _install() -> None:
+    import deepspeed
+    import torch
+
+    from retromae_ds.engine import build
+
+    original_load_data = build.load_data
+
+    def load_data(cfg, tokenizer):
+        bundle = original_load_data(cfg, tokenizer)
+        bundle.train = _RecordingDataset(bundle.train)
+        return bundle
+
+    build.load_data = load_data
+
+    original_initialize = deepspeed.initialize
+
+    def counter(name):
+        def hook(module, args, output):
+            if module.training and torch.is_grad_enabled():
+                RECORD["forwards"][name] = RECORD["forwards"].get(name, 0) + 1
+        return hook
+
+    def initialize(*args, **kwargs):
+        model = kwargs.get("model")
+        rank = int(os.environ.get("RANK", "0"))
+        if os.environ.get("RETROMAE_TEST_PROBE_INIT") and rank == 0:
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+                       os.path.join(PROBE, "init_state.pt"))
+        # Hooks on a Linear inside each layer: torch's checkpoint recomputation calls the checkpointed
+        # module without its own forward hooks, but its submodules' hooks fire.
+        model.lm.base_model.register_forward_hook(counter("encoder"))
+        first_linear(model.lm.base_model.encoder.layer[0]).register_forward_hook(counter("encoder_layer0"))
+        first_linear(model.c_head).register_forward_hook(counter("decoder_layer"))
+        result = original_initialize(*args, **kwargs)
+        engine = result[0]
+        module = engine.module
+        RECORD["engine"] = {
+            "bf16": bool(engine.bfloat16_enabled()), "fp16": bool(engine.fp16_enabled()),
+            "param_dtype": str(next(module.parameters()).dtype).replace("torch.", ""),
+            "zero_stage": int(engine.zero_optimization_stage()),
+            "gradient_clipping": float(engine.gradient_clipping()),
+            "activation_checkpointing": bool(module.is_gradient_checkpointing),
+            "hf_gradient_checkpointing": bool(getattr(module.lm, "is_gradient_checkpointing", False)),
+        }
+        sigterm_after = int(os.environ.get("RETROMAE_TEST_SIGTERM_AFTER", "0"))
+        original_step = engine.step
+
+        def step(*a, **kw):
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary:
+                RECORD["steps"] += 1
+                if RECORD["steps"] == sigterm_after:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return original_step(*a, **kw)
+
+        engine.step = step
+        return result
+
+    deepspeed.initialize = initialize
+
+
+def main() -> int:
+    if PROBE:
+        os.makedirs(PROBE, exist_ok=True)
+        _install()
+    from retromae_ds.engine.trainer import run_cli
+
+    rc = run_cli()
+    if PROBE:
+        import retromae_ds
+
+        RECORD["module"] = retromae_ds.__file__
+        RECORD["rc"] = rc
+        rank = os.environ.get("RANK", "0")
+        with open(os.path.join(PROBE, f"probe_rank{rank}.json"), "w") as f:
+            json.dump(RECORD, f)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
