@@ -62,7 +62,7 @@ def main() -> None:
 
     cfg = TrainConfig(data=[prefix], model_config=str(work / "tiny"), tokenizer=tok, output_dir=str(work / "run"),
                       micro_batch_size=args.micro_batch, max_steps=args.steps, log_interval=args.log_interval,
-                      save_interval=0, eval_interval=0, eval_heldout_docs=0, export=False, resume="none",
+                      save_interval=0, eval_interval=0, eval_heldout_docs=0, eval_max_length=128, export=False, resume="none",
                       deepspeed="zero2", lr=1e-4)
     cfg.explicit = set()
     t = time.perf_counter()

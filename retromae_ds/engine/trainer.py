@@ -131,6 +131,11 @@ class Trainer:
         data = load_data(cfg, tokenizer)
         model = build_model(cfg, tokenizer)
         cfg.max_seq_len = resolve_max_seq_len(cfg, data.meta, model.lm.config)
+        from retromae_ds.model.positions import token_positions
+
+        # evaluation texts are cut to what the position table holds (a 128-position model and the
+        # default --eval-max-length 256 would otherwise fail at the end of training)
+        self.eval_max_length = min(cfg.eval_max_length, token_positions(model.lm) or cfg.eval_max_length)
         block_cap = cfg.max_seq_len - 2
         n_train = getattr(data.train, "samples_per_epoch", len(data.train))  # a blend's epoch: its weighted shares
         world = dist.world_size
@@ -545,13 +550,13 @@ class Trainer:
         cfg = self.cfg
         results = {}
         try:
-            results.update(lee_similarity(module.encoder, tokenizer, max_length=cfg.eval_max_length, device=device))
+            results.update(lee_similarity(module.encoder, tokenizer, max_length=self.eval_max_length, device=device))
         except UserError as err:  # gensim not installed: retrieval eval still runs
             if self.dist.is_main:
                 print(f"[retromae-ds] Lee evaluation skipped: {err}", flush=True)
         if heldout:
             results.update(heldout_retrieval(module.encoder, heldout, tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                             tokenizer.pad_token_id, seed=cfg.seed, max_length=cfg.eval_max_length,
+                                             tokenizer.pad_token_id, seed=cfg.seed, max_length=self.eval_max_length,
                                              device=device))
         return results
 
