@@ -35,11 +35,15 @@ RECORD: dict = {"engine": None, "forwards": {}, "blocks": [], "steps": 0, "modul
 
 
 class _RecordingDataset:
-    """Pass-through of the training dataset that records each fetched block."""
+    """Transparent pass-through of the training dataset that records each fetched block (the trainer
+    asks a blend for more than len/getitem: every other attribute is the inner dataset's)."""
 
     def __init__(self, inner):
         self.inner = inner
         self.sizes = getattr(inner, "sizes", None)
+
+    def __getattr__(self, name):  # everything else (a blend's epoch_samples, samples_per_epoch, ...)
+        return getattr(self.inner, name)
 
     def __len__(self):
         return len(self.inner)
