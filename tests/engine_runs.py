@@ -107,10 +107,12 @@ def probe(probe_dir: Path, rank: int = 0) -> dict:
     return record
 
 
-def marker_of_last(out_dir: Path) -> dict:
+def marker_of_last(out_dir: Path) -> dict | None:
+    """The COMPLETE marker (JSON) of a run's newest complete checkpoint; None when there is none."""
     from retromae_ds.engine.checkpoint import complete_checkpoints, read_marker
 
-    return read_marker(complete_checkpoints(out_dir)[-1])
+    done = complete_checkpoints(out_dir)
+    return read_marker(done[-1]) if done else None
 
 
 def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, poll: float = 0.05) -> None:

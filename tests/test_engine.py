@@ -352,7 +352,7 @@ def interrupted(runs, setup):
     logs = [setup["root"] / f"{name}.{i}.log" for i in (1, 2, 3)]
     probe = runs.probe_dir(name)
     budget = R.run("python", 1, args + ["--time-budget", "0.001"], logs[0])
-    budget_marker = R.marker_of_last(out) if out.exists() else None
+    budget_marker = R.marker_of_last(out)
     term = R.run("python", 1, args, logs[1], script=R.PROBE, env=R.probe_env(probe, sigterm_after=1))
     term_marker = R.marker_of_last(out)
     rest = R.run("python", 1, args, logs[2])
