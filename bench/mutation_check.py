@@ -10,8 +10,8 @@ How: the working tree (without .git, runs/, data/, caches) is copied to a tempor
 baseline runs every selected mutation's tests on the unmodified copy: they must pass, else a "caught"
 below would mean nothing. Then, for each mutation, exactly one snippet of one file is replaced (the
 snippet must occur exactly once: a missing or repeated snippet is a script ERROR, not a pass, so that
-edits of the product that move the code show up here), the tests run with `pytest -x`, and the file is
-restored. Tests run in the copy with PYTHONPATH set to it; the test process checks that
+edits of the product that move the code show up here), the tests run with `pytest -x` (--all-tests:
+every listed test, to see which of them catch it), and the file is restored. Tests run in the copy with PYTHONPATH set to it; the test process checks that
 `retromae_ds` is imported from the copy, and the training runs (tests/probe_pretrain.py) record the
 `retromae_ds.__file__` they imported, which the tests check too.
 
@@ -64,6 +64,12 @@ MUTATIONS = [
              "        self._checkpoint_decoder = False",
              [E + "test_activation_checkpointing_recomputes_and_gives_the_same_run"],
              "activation checkpointing covers the encoder layers but not the decoder layer"),
+    Mutation("ac-decoder-branch-never-taken", "retromae_ds/model/retromae.py",
+             "if self._checkpoint_decoder and self.training and torch.is_grad_enabled():", "if False:",
+             ["tests/test_trainer_features.py::"
+              "test_activation_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients",
+              E + "test_activation_checkpointing_recomputes_and_gives_the_same_run"],
+             "the module says checkpointing is on, but the decoder layer is never checkpointed"),
     Mutation("bf16-resolves-to-fp32", "retromae_ds/config.py",
              "        return cfg.precision\n",
              "        return \"fp32\" if cfg.precision == \"bf16\" else cfg.precision\n",
@@ -147,13 +153,14 @@ def copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(entry, dst / entry.name)
 
 
-def run_tests(copy: Path, tests: list[str], timeout: float, log: Path) -> tuple[str, int, float]:
+def run_tests(copy: Path, tests: list[str], timeout: float, log: Path, stop_first: bool = True
+              ) -> tuple[str, int, float]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(copy) + os.pathsep + env.get("PYTHONPATH", "")
     basetemp = copy / ".mutation_tmp"
     shutil.rmtree(basetemp, ignore_errors=True)
-    cmd = [sys.executable, "-c", PYTEST_WRAPPER, str(copy), "-x", "-q", "-p", "no:cacheprovider",
-           f"--basetemp={basetemp}", *tests]
+    cmd = [sys.executable, "-c", PYTEST_WRAPPER, str(copy), *(["-x"] if stop_first else []), "-q", "-p",
+           "no:cacheprovider", f"--basetemp={basetemp}", *tests]
     t0 = time.monotonic()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=copy, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -178,6 +185,8 @@ def main() -> int:
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmodified-copy run")
     ap.add_argument("--timeout", type=float, default=1200, help="seconds per pytest run (default 1200)")
     ap.add_argument("--keep", action="store_true", help="keep the copy and the logs")
+    ap.add_argument("--all-tests", action="store_true",
+                    help="run every listed test of a mutation (default: stop at the first failure, -x)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
     ap.add_argument("--source", type=Path, default=REPO,
                     help="the tree to copy (default: this checkout's working tree); e.g. an export of a "
@@ -228,7 +237,7 @@ def main() -> int:
         path.write_text(original.replace(m.old, m.new))
         try:
             log = logs / f"{m.id}.log"
-            status, rc, secs = run_tests(copy, m.tests, args.timeout, log)
+            status, rc, secs = run_tests(copy, m.tests, args.timeout, log, stop_first=not args.all_tests)
         finally:
             path.write_text(original)
         verdict = {"FAILED": "CAUGHT", "PASSED": "MISSED"}.get(status, status)
