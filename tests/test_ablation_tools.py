@@ -171,7 +171,8 @@ def test_plot_curves_writes_png_with_the_tags_present(tmp_path):
     assert plot_curves.main([str(tmp_path), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not list(png.parent.glob("*.tmp.png"))
-    tags = plot_curves.plot_curves(plot_curves.find_runs(tmp_path), tmp_path / "b.png")
+    tags = plot_curves.plot_curves(plot_curves.find_runs(tmp_path), tmp_path / "b.png",
+                                   reference={"eval/lee/spearman_cls": 0.2}, smooth=2)
     assert tags == ["train/encoder_loss", "train/decoder_loss", "eval/lee/spearman_cls"]
     assert plot_curves.main([str(tmp_path / "out"), "--out", str(tmp_path / "c.png")]) == 2  # no runs there
 
@@ -347,3 +348,9 @@ def test_moving_average_smooths_training_series_only_backwards():
     steps, values = plot_curves.moving_average(([1, 2, 3, 4, 5], [4.0, 2.0, 6.0, 0.0, 2.0]), 3)
     assert steps == [1, 2, 3, 4, 5] and values == pytest.approx([4.0, 3.0, 4.0, 8 / 3, 8 / 3])
     assert plot_curves.moving_average(([1, 2], [1.0, 5.0]), 1) == ([1, 2], [1.0, 5.0])
+
+
+def test_gpu_preset_parses_and_later_flags_win():
+    args = ablation.build_parser().parse_args(ablation.GPU_PRESET + ["--steps", "600"])
+    assert (args.steps, args.seeds, args.objectives, args.micro_batch) == (600, [1, 2, 3], ["retromae", "mlm"], 32)
+    assert args.heldout_docs == 125 and args.json.endswith("ablation_gpu.json")
