@@ -36,10 +36,10 @@ TINY = dict(architectures=["BertForMaskedLM"], model_type="bert", vocab_size=305
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--log-interval", type=int, default=10)
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--seq-len", type=int, default=64)
     args = ap.parse_args()
 
     import gensim
@@ -92,6 +92,7 @@ def bare_loop(cfg, prefix: str, tok: str, args) -> float:
     from retromae_ds import config as C
     from retromae_ds.data.indexed import IndexedDataset
     from retromae_ds.data.masking import MaskGenerator, collate_blocks, continuation_table, mask_rng
+    from retromae_ds.data.sampler import GlobalBatchSampler
     from retromae_ds.engine.build import build_model, param_groups
 
     tokenizer = AutoTokenizer.from_pretrained(tok)
@@ -102,11 +103,12 @@ def bare_loop(cfg, prefix: str, tok: str, args) -> float:
     masker = MaskGenerator(continuation_table(tokenizer), cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id,
                            pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
                            special_ids=list(tokenizer.all_special_ids))
+    sampler = GlobalBatchSampler.for_dataset(data, seed=cfg.seed)  # the trainer's batches, in its order
     batches = []
     for step in range(args.steps):
-        blocks = [data[(step * args.micro_batch + i) % len(data)][: args.seq_len - 2] for i in range(args.micro_batch)]
+        blocks = [data[int(i)][: args.seq_len - 2] for i in sampler.next_global_batch(args.micro_batch)]
         tokens, lengths = collate_blocks(blocks, tokenizer.pad_token_id, max_tokens=args.seq_len - 2)
-        batches.append(masker(tokens, lengths, mask_rng(0, step, 0, torch.device("cpu"))))
+        batches.append(masker(tokens, lengths, mask_rng(cfg.seed, step, 0, torch.device("cpu"))))
     engine.train()
     times = []
     for batch in batches:
