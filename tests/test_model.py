@@ -167,6 +167,33 @@ def test_rows_without_visible_keys_stay_finite():
     assert torch.allclose(layer(query, kv, visible.long()), out)
 
 
+def test_long_sequences_attend_in_row_blocks_with_the_same_result(monkeypatch):
+    """Beyond ROW_BLOCKS_FROM the decoder attends in blocks of query rows (each under activation
+    checkpointing): same outputs and gradients, padding rows without a visible key still finite."""
+    from retromae_ds.model import decoder
+
+    torch.manual_seed(0)
+    layer = EnhancedDecoderLayer.from_config(tiny_bert().config).eval()
+    query, kv = torch.randn(2, 11, 32), torch.randn(2, 11, 32)
+    visible = torch.rand(2, 11, 11) > 0.5
+    visible[1, 8:] = False  # padding rows: no visible key
+    results = []
+    for blocks_from in (10 ** 9, 0):
+        layer.attention.self.row_blocks_from = blocks_from
+        monkeypatch.setattr(decoder, "ROW_BLOCK", 4)  # blocks of 4, 4, 3 rows
+        q, k = query.clone().requires_grad_(), kv.clone().requires_grad_()
+        out = layer(q, k, visible)
+        out.square().sum().backward()
+        results.append((out, q.grad, k.grad, grads(layer)))
+        layer.zero_grad(set_to_none=True)
+    (out_a, qa, ka, ga), (out_b, qb, kb, gb) = results
+    assert torch.isfinite(out_b).all()
+    assert torch.allclose(out_a, out_b, atol=1e-6)
+    assert torch.allclose(qa, qb, atol=1e-6) and torch.allclose(ka, kb, atol=1e-6)
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=1e-6), name
+
+
 def test_mlm_objective_runs_only_the_encoder():
     torch.manual_seed(0)
     model = RetroMAEForPretraining(tiny_bert(), RetroMAEConfig(objective="mlm"))

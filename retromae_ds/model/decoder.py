@@ -13,6 +13,21 @@ Attention runs through `torch.nn.functional.scaled_dot_product_attention` with a
 A row with no visible key (padding rows) would come out NaN there, and NaN * 0 is still NaN in
 the loss and gradients, so such rows get column 0 as their one visible key: their outputs are
 never scored, so any finite value is harmless.
+
+Long sequences (L > ROW_BLOCKS_FROM = 1,024) attend in blocks of ROW_BLOCK query rows, each block
+under activation checkpointing; rows are independent, so the result is the same. Why: SDPA turns
+the boolean mask into a float one (4 x B x L^2 bytes, 256 MB per sample at L = 8,192) and keeps it
+for backward, and with attention dropout (0.1 in BERT configs) its CPU path materialises all
+B x heads x L^2 probabilities. Measured on the CPU (bench/bench_long_context.py: hidden 768,
+12 heads, batch 1, one decoder forward + backward), memory held after the forward / peak:
+  L = 2,048  dropout 0:   117 / 144 MB all rows at once,  101 / 128 MB in row blocks
+  L = 2,048  dropout 0.1: 678 / 811 MB,                    102 / 454 MB
+  L = 4,096  dropout 0.1: 2,502 / 3,151 MB,                198 / 898 MB
+  L = 8,192  dropout 0:   646 / 746 MB,                    389 / 490 MB (time +3%)
+Row blocks recompute the attention in backward: ~+15% time without dropout, ~2x with it on the
+CPU (the math path). At L <= 1,024 nothing changes. An additive float mask built by the caller
+measured the same as the boolean one, and the reference's matmul + softmax took 2.5x the memory
+and 1.5x the time at L = 2,048.
 """
 
 from __future__ import annotations
@@ -20,8 +35,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from retromae_ds.errors import UserError
+
+ROW_BLOCK = 1024  # query rows per attention block for long sequences
+ROW_BLOCKS_FROM = 1024  # sequences longer than this attend in row blocks (see the module docstring)
 
 # decoder argument -> the config attributes that carry it (BERT's name first, then ModernBERT's)
 CONFIG_FIELDS = {
@@ -42,6 +61,7 @@ class CrossStreamSelfAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, dropout: float, rotary: nn.Module | None = None) -> None:
         super().__init__()
         self.rotary = rotary  # rotates queries and keys by position (rotary encoders); None for BERT-like
+        self.row_blocks_from = ROW_BLOCKS_FROM
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.dropout = dropout
@@ -54,13 +74,28 @@ class CrossStreamSelfAttention(nn.Module):
         return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
     def forward(self, query: torch.Tensor, key_value: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """visible: bool [B, L, L]; rows without a visible key get column 0 (see with_fallback_key)."""
         q, k, v = self._split(self.query(query)), self._split(self.key(key_value)), self._split(self.value(key_value))
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None],
-                                             dropout_p=self.dropout if self.training else 0.0)
-        batch, _, length, _ = out.shape
+        dropout = self.dropout if self.training else 0.0
+        batch, _, length, _ = q.shape
+        if length <= self.row_blocks_from:
+            out = _attend(q, k, v, visible, dropout)
+        else:
+            blocks = []
+            for start in range(0, length, ROW_BLOCK):
+                rows = (q[:, :, start:start + ROW_BLOCK], k, v, visible[:, start:start + ROW_BLOCK], dropout)
+                blocks.append(checkpoint(_attend, *rows, use_reentrant=False) if torch.is_grad_enabled()
+                              else _attend(*rows))
+            out = torch.cat(blocks, dim=2)
         return out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+
+def _attend(q, k, v, visible, dropout: float):
+    """SDPA of query rows over all keys; the [B, rows, L] boolean mask gets its fallback key here, so a
+    long sequence never holds a second full-size copy of it."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=with_fallback_key(visible)[:, None], dropout_p=dropout)
 
 
 class ResidualNorm(nn.Module):
@@ -150,8 +185,7 @@ class EnhancedDecoderLayer(nn.Module):
 
     def forward(self, query: torch.Tensor, key_value: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         """query, key_value: [B, L, H]; visible: [B, L, L] (nonzero/True = row may attend to column)."""
-        visible = with_fallback_key(visible.to(torch.bool))
-        attended = self.attention(query, key_value, visible)
+        attended = self.attention(query, key_value, visible.to(torch.bool))
         return self.output(self.intermediate(attended), attended)
 
 

@@ -39,7 +39,9 @@ def find_mlm_head(lm: nn.Module) -> tuple[str, ...]:
     `head` (dense + activation + norm) then `decoder` (the tied vocabulary projection). With several
     parts the order is read off one tiny forward of the model (hooks record the call order) and the
     chain is checked to reproduce the model's logits, so a head that is not a simple chain is refused
-    instead of silently trained wrong.
+    instead of silently trained wrong. ModernBERT's `sparse_prediction` (labelled rows only, before
+    the head) is only taken when labels are passed, which the probe and RetroMAE never do: the fast
+    heads select labelled rows themselves.
     """
     base = getattr(lm, "base_model", None)
     if base is None or base is lm:
