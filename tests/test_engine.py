@@ -435,9 +435,12 @@ def test_bf16_runs_in_bf16_with_falling_loss(runs):
 
 def test_zero3_offload_equals_single_process(runs):
     single, _ = baseline(runs)
-    off, _ = runs.get("z3_offload", "python", 1, ["--grad-accum", "2", "--no-export"], ds="zero3_offload")
+    # the first offload run JIT-builds DeepSpeed's CPU Adam (~80 s idle, minutes on a busy machine)
+    off, _ = runs.get("z3_offload", "python", 1, ["--grad-accum", "2", "--no-export"], ds="zero3_offload",
+                      timeout=1200)
     assert_same_run(single, off)
     assert_ran_fp32_zero(runs.probe("z3_offload"), 3, off)
+    assert R.marker_of_last(off)["optimizer"] == "DeepSpeedCPUAdam"  # not torch's AdamW on the host
 
 
 def test_resume_with_a_different_world_size_continues_the_weights_and_the_data(runs, setup):

@@ -562,8 +562,11 @@ class Trainer:
 
     def _check_resume_compatible(self, client: dict, fingerprints: list, path) -> None:
         old = client.get("data")
-        if old and [(d["vocab_hash"], d["num_blocks"]) for d in old] != \
-                [(d["vocab_hash"], d["num_blocks"]) for d in fingerprints]:
+
+        def same(d):  # the token count tells apart two corpora that happen to pack into as many blocks
+            return d["vocab_hash"], d["num_blocks"], d.get("num_tokens")
+
+        if old and [same(d) for d in old] != [same(d) for d in fingerprints]:
             raise UserError(f"{path}: this checkpoint was trained on different data "
                             f"({[d['prefix'] for d in old]}); resuming would not continue the same sample order. "
                             f"Use the same --data, or --resume none with a new --output-dir.")
