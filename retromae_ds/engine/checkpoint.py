@@ -148,14 +148,15 @@ class ManifestingCheckpointEngine:
                 os.fsync(f.fileno())
             self.written[path] = {"size": writer.size, HASH_NAME: writer.hash.hexdigest()}
         except (OSError, RuntimeError) as err:  # torch reports ENOSPC as "RuntimeError ... unexpected pos"
-            self.errors.append((path, _describe(err)))
+            self.errors.append((path, describe_write_error(err)))
             try:
                 os.remove(path)  # a truncated file must not look like data
             except OSError:
                 pass
 
 
-def _describe(err: BaseException) -> str:
+def describe_write_error(err: BaseException) -> str:
+    """A few words for a failed write (torch reports a full disk as "RuntimeError ... unexpected pos")."""
     text = str(err)
     if isinstance(err, OSError) and err.strerror:
         return err.strerror

@@ -233,7 +233,7 @@ class Trainer:
                 try:
                     write_model_files(engine.module, tokenizer, cfg, path / "model_config")
                 except OSError as err:
-                    errors.append((str(path / "model_config"), ckpt._describe(err)))
+                    errors.append((str(path / "model_config"), ckpt.describe_write_error(err)))
             reports = all_gather_object((errors, saver.written))
             errors = [e for errs, _ in reports for e in errs]
             if dist.is_main and not errors:
@@ -244,7 +244,7 @@ class Trainer:
                                              "client_state": client_state, "hash": ckpt.HASH_NAME,
                                              "files": ckpt.build_manifest(path, written)})
                 except OSError as err:
-                    errors.append((str(path / ckpt.MARKER), ckpt._describe(err)))
+                    errors.append((str(path / ckpt.MARKER), ckpt.describe_write_error(err)))
             errors = broadcast_object(errors)
             if errors:
                 if dist.is_main:
