@@ -18,16 +18,18 @@ Long sequences (L > ROW_BLOCKS_FROM = 1,024) attend in blocks of ROW_BLOCK query
 under activation checkpointing; rows are independent, so the result is the same. Why: SDPA turns
 the boolean mask into a float one (4 x B x L^2 bytes, 256 MB per sample at L = 8,192) and keeps it
 for backward, and with attention dropout (0.1 in BERT configs) its CPU path materialises all
-B x heads x L^2 probabilities. Measured on the CPU (bench/bench_long_context.py: hidden 768,
-12 heads, batch 1, one decoder forward + backward), memory held after the forward / peak:
+B x heads x L^2 probabilities. Measured on the CPU (bench/bench_long_context.py, results in
+bench/results/long_context_cpu.json: hidden 768, 12 heads, batch 1, one decoder forward + backward),
+memory held after the forward / peak:
   L = 2,048  dropout 0:   117 / 144 MB all rows at once,  101 / 128 MB in row blocks
-  L = 2,048  dropout 0.1: 678 / 811 MB,                    102 / 454 MB
-  L = 4,096  dropout 0.1: 2,502 / 3,151 MB,                198 / 898 MB
-  L = 8,192  dropout 0:   646 / 746 MB,                    389 / 490 MB (time +3%)
-Row blocks recompute the attention in backward: ~+15% time without dropout, ~2x with it on the
-CPU (the math path). At L <= 1,024 nothing changes. An additive float mask built by the caller
-measured the same as the boolean one, and the reference's matmul + softmax took 2.5x the memory
-and 1.5x the time at L = 2,048.
+  L = 2,048  dropout 0.1: 678 / 811 MB,                    102 / 453 MB
+  L = 4,096  dropout 0.1: 2,502 / 3,151 MB,                198 / 899 MB
+  L = 8,192  dropout 0:   646 / 746 MB,                    389 / 489 MB
+  (one BERT-base encoder layer at L = 8,192: 385 MB held; 24 MB with activation checkpointing)
+Row blocks recompute the attention in backward: +3% to +17% time at L = 8,192 without dropout, ~2x
+with it on the CPU (the math path). At L <= 1,024 nothing changes. An additive float mask built by
+the caller measured the same as the boolean one; the reference's matmul + softmax held 2.5x the
+memory (4x the peak) and took ~2x the time at L = 2,048.
 """
 
 from __future__ import annotations
