@@ -258,7 +258,7 @@ def trained(request, tmp_path_factory, tiny_dataset, minilm_tokenizer_dir):
     res = R.run("torchrun", 2, args + ["--max-steps", "4"], root / "run.log")
     assert res.returncode == 0, res.stdout[-4000:]
     logs.append(res.stdout)
-    return {"stage": stage, "out": out, "logs": logs}
+    return {"stage": stage, "out": out, "logs": logs, "root": root, "args": args + ["--max-steps", "4"]}
 
 
 @pytest.mark.distributed
@@ -297,3 +297,27 @@ def test_export_loads_with_automodel_and_equals_the_checkpoint(trained):
     continued = RetroMAEForPretraining.from_pretrained(export / "retromae")
     for key, value in model.state_dict().items():
         assert torch.equal(continued.state_dict()[key], value), key
+
+
+@pytest.mark.distributed
+def test_resume_from_a_checkpoint_ends_bitwise_equal(trained):
+    """Resume the ZeRO-2 run from its step-2 checkpoint (what a kill -9 after that save leaves) with the same
+    command: steps 3-4 and the final weights equal the uninterrupted run's bit for bit."""
+    import shutil
+
+    from retromae_ds.engine.export import load_checkpoint_model
+
+    if trained["stage"] != "zero2":
+        pytest.skip("the ZeRO-3 run resumes above; one bitwise comparison is enough")
+    resumed = trained["root"] / "resumed"
+    shutil.copytree(trained["out"] / "checkpoints" / "step_00000002", resumed / "checkpoints" / "step_00000002")
+    args = list(trained["args"])
+    args[args.index("--output-dir") + 1] = str(resumed)
+    res = R.run("torchrun", 2, args, trained["root"] / "resumed.log")
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-4000:]
+    a, b = R.metrics(trained["out"]), R.metrics(resumed)
+    assert {r["step"]: r["loss"] for r in a if r["step"] > 2} == {r["step"]: r["loss"] for r in b}
+    want, *_ = load_checkpoint_model(trained["out"] / "checkpoints" / "step_00000004")
+    got, *_ = load_checkpoint_model(resumed / "checkpoints" / "step_00000004")
+    for key, value in want.state_dict().items():
+        assert torch.equal(got.state_dict()[key], value), key
