@@ -195,7 +195,8 @@ def case_encoder(case: dict) -> dict:
     if case["encoder"] == "bert":
         model = BertModel(BertConfig(hidden_size=hidden, num_attention_heads=case["heads"], num_hidden_layers=layers,
                                      intermediate_size=4 * hidden, max_position_embeddings=max(length, 512),
-                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), add_pooling_layer=False)
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                          add_pooling_layer=False)
     else:
         model = ModernBertModel(ModernBertConfig(hidden_size=hidden, num_attention_heads=case["heads"],
                                                  num_hidden_layers=layers, intermediate_size=int(1.5 * hidden),
@@ -350,7 +351,8 @@ def train(args) -> dict:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
-            results["runs"].append({"model": name, "ce_chunk_size": chunk, "error": (proc.stdout + proc.stderr)[-3000:]})
+            error = (proc.stdout + proc.stderr)[-3000:]
+            results["runs"].append({"model": name, "ce_chunk_size": chunk, "error": error})
             print(results["runs"][-1]["error"], flush=True)
             continue
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
