@@ -4,6 +4,7 @@
 #     ZeRO-2 bf16, ZeRO-2 fp16, ZeRO-3 bf16, each with and without activation checkpointing, and ZeRO-2 bf16
 #     with bf16 gradient accumulation/reduction (the cost of the trainer's fp32 default):
 #     tokens/s, TFLOPs, MFU, peak memory, loss finiteness (bench/bench_train.py, one process);
+#  1b. BERT-base shape at L = 8,192 (bf16, ZeRO-2, activation checkpointing): tokens/s, peak memory;
 #  2. the real trainer end to end on the GPU (launch/pretrain.py, fp16 loss scaling, ZeRO-2, NCCL):
 #     SIGUSR1 after the first checkpoint -> save + exit 0 -> the same command resumes and finishes,
 #     evaluates and exports.
@@ -22,6 +23,11 @@ python3 bench/bench_train.py --preset bert-base --seq-len "$SEQ_LEN" --micro-bat
   --steps "$STEPS" --warmup 3 --settings z2-bf16,z2-bf16-bf16grads,z2-bf16-ac,z2-fp16,z2-fp16-ac,z3-bf16,z3-bf16-ac \
   --out "$OUT/gpu_check.json" > "$OUT/bench_train.log" 2>&1
 echo "bench_train exit $?" >&2; grep -v "^\[20" "$OUT/bench_train.log" | tail -n 5 >&2
+
+echo "== 1b. long context: BERT-base shape at L = 8,192 (8,192 positions), bf16, activation checkpointing" >&2
+python3 bench/bench_train.py --preset bert-base --seq-len 8192 --micro-batch 1 --steps 5 --warmup 2 \
+  --settings z2-bf16-ac --out "$OUT/long_context.json" > "$OUT/long_context.log" 2>&1
+echo "long context exit $?" >&2
 
 echo "== 2. trainer end to end (fp16, ZeRO-2): signal, resume, eval, export" >&2
 python3 bench/make_synthetic_data.py --tokenizer "$TOK" --output "$OUT/synth/data" --blocks 4096 --seq-len "$SEQ_LEN"
@@ -45,6 +51,8 @@ import json, sys, pathlib
 out, rc1, rc2 = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 path = out / "gpu_check.json"
 res = json.loads(path.read_text()) if path.exists() else {"bench_train": "failed, see bench_train.log"}
+long_path = out / "long_context.json"
+res["long_context_8192"] = json.loads(long_path.read_text()) if long_path.exists() else "failed, see long_context.log"
 rows = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()] \
     if (out / "run" / "metrics.jsonl").exists() else []
 train = [r for r in rows if r.get("kind") == "train"]
