@@ -212,8 +212,7 @@ class Trainer:
                      "communication_dtype": str(engine.communication_data_type).replace("torch.", ""),
                      "optimizer": type(engine.optimizer.optimizer if hasattr(engine.optimizer, "optimizer")
                                        else engine.optimizer).__name__,
-                     "activation_checkpointing": bool(model.is_gradient_checkpointing
-                                                     and getattr(model.lm, "is_gradient_checkpointing", True))}
+                     "activation_checkpointing": bool(model.is_gradient_checkpointing and _encoder_recomputes(model.lm))}
 
         def save(tag_step: int, reason: str, prune: bool = True) -> Path:
             """Every rank writes its part; the failure of any rank is everyone's (SaveFailed), the partial
@@ -610,6 +609,15 @@ def _weights_finite(engine) -> bool:
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
         tensors += list(getattr(opt, name, None) or [])
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None and t.numel())
+
+
+def _encoder_recomputes(lm) -> bool:
+    """The HF encoder's own activation-checkpointing flag (transformers 5 renamed it; reading the old
+    name prints a deprecation warning on every rank)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if isinstance(getattr(type(lm), name, None), property):
+            return bool(getattr(lm, name))
+    return True
 
 
 def _gb(n: int) -> str:
