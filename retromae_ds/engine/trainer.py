@@ -258,10 +258,13 @@ class Trainer:
         def evaluate() -> dict:
             return self._evaluate(engine.module, tokenizer, data.heldout, device)
 
+        def host_flags() -> list[float]:
+            """This rank's [got a signal, out of time]."""
+            return [float(stop.signal != 0), float(budget is not None and time.monotonic() - start > budget)]
+
         def stop_flags() -> tuple[bool, bool]:
             """(signal, out of time), agreed by all ranks: one rank's SIGTERM stops everyone."""
-            got, late = all_reduce_max([float(stop.signal != 0),
-                                        float(budget is not None and time.monotonic() - start > budget)], device)
+            got, late = all_reduce_max(host_flags(), device)
             return bool(got), bool(late)
 
         # --- the loop -------------------------------------------------------------------------------
@@ -337,9 +340,7 @@ class Trainer:
                     # stop request or the --max-nonfinite-steps limit acts up to --log-interval steps late;
                     # the checkpoint is still exact. DeepSpeed skips a bad step on every rank at once, so
                     # the ranks' counts agree and MAX merges them.
-                    flags = torch.tensor([float(stop.signal != 0),
-                                          float(budget is not None and time.monotonic() - start > budget)],
-                                         dtype=torch.float64)
+                    flags = torch.tensor(host_flags(), dtype=torch.float64)
                     got_signal, out_of_time, run_max, new_max = (all_reduce_max(torch.cat(
                         [flags.to(device), torch.stack([bad_run, bad_new]).to(torch.float64)]), device))
                     got_signal, out_of_time = bool(got_signal), bool(out_of_time)
