@@ -68,6 +68,9 @@ class TrainConfig:
     precision: str = _f("auto", "auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPU",
                         choices=("auto", "bf16", "fp16", "fp32"))
     activation_checkpointing: bool = _f(False, "recompute encoder layers and the decoder in backward (less memory)")
+    compile: bool = _f(False, "torch.compile the encoder's layers and the decoder layer; batches are then padded to "
+                              "--max-seq-len (one shape). The first step compiles (minutes for big models). "
+                              "ZeRO stages 0-2")
     max_nonfinite_steps: int = _f(10, "stop after this many consecutive steps with a NaN/inf loss or gradient")
     # --- checkpoints, logging, evaluation ----------------------------------------------------
     output_dir: str = _f("runs/retromae", "checkpoints, metrics.jsonl, TensorBoard events and the exported model")
@@ -81,6 +84,8 @@ class TrainConfig:
     eval_heldout_docs: int = _f(50, "documents at the end of the first dataset held out for retrieval eval (0 = none)")
     eval_max_length: int = _f(256, "max tokens per text in evaluation")
     export: bool = _f(True, "export the encoder (HF format) to OUTPUT_DIR/export at the end")
+    profile_steps: str = _f("", "trace steps A-B with torch.profiler on rank 0, e.g. 20-25: a Perfetto/Chrome trace "
+                                "and a table of the top operators in OUTPUT_DIR/profile/")
     peak_tflops: float = _f(0.0, "peak device TFLOPs for MFU (0 = look up the device type)")
     # --- DeepSpeed ----------------------------------------------------------------------------
     deepspeed: str = _f("ds_configs/zero2.json", "DeepSpeed JSON; its \"auto\" fields are filled from this config")
@@ -212,6 +217,19 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.is_demo or cfg.data, "--data is required when --model/--model-config is given (prepare it with `retromae-ds prepare`).")
     need(cfg.is_demo or cfg.model or cfg.model_config, "--model (or --model-config + --tokenizer) is required with --data.")
     parse_time_budget(cfg.time_budget)
+    parse_profile_steps(cfg.profile_steps)
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """'' -> None; '20-25' -> (20, 25); '7' -> (7, 7): the first and last step to trace (steps count from 1)."""
+    if not text:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", str(text))
+    first, last = (int(m.group(1)), int(m.group(2) or m.group(1))) if m else (0, 0)
+    if not m or first < 1 or last < first:
+        raise UserError(f"--profile-steps {text!r}: give the first and last step to trace, e.g. 20-25 "
+                        f"(steps count from 1; a few steady-state steps after the first ones are typical).")
+    return first, last
 
 
 def parse_time_budget(text: str) -> float | None:

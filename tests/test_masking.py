@@ -513,3 +513,74 @@ def test_invalid_pool_is_a_user_error(bad):
 
     with pytest.raises(UserError, match="decoder_mask_pool"):
         pool_generator(bad)
+
+
+def _device_word_numbers(gen: MaskGenerator, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[int, int]:
+    """(most words in a sample, longest word) as the generator finds them on the device, by its own
+    word-structure code path: a call without a plan, with draw_whole_words recording its inputs."""
+    import retromae_ds.data.masking as masking
+
+    seen = []
+    original = masking.draw_whole_words
+
+    def recording(word_len, *args, **kwargs):
+        seen.append(word_len)
+        return original(word_len, *args, **kwargs)
+
+    masking.draw_whole_words = recording
+    try:
+        gen(tokens, lengths, mask_rng(0, 0, 0, "cpu"))
+    finally:
+        masking.draw_whole_words = original
+    word_len = seen[0]                                          # the encoder's draw: one row per sample
+    return int((word_len > 0).sum(1).max()), int(word_len.max())
+
+
+@pytest.mark.parametrize("pool", [0, 128])
+def test_host_plan_gives_the_same_batch_without_syncs(minilm_batch, pool):
+    """A BatchPlan (numpy, on the host) must find the device's word structure exactly (a wrong word
+    count changes the random draws, a short round bound leaves words undrawn), and a call with it must
+    give the same six tensors; only the encoder mask becomes None when no sample is padded."""
+    gen, tokens, lengths, _ = minilm_batch
+    rng = random.Random(8)
+    cases = [(gen, tokens, lengths)]
+    synthetic = pool_generator(pool)
+    for words in ([1, 6, 1, 1, 2, 1, 1], [12] + [1] * 30, [1] * 3, [2, 3, 1, 9, 1, 1, 4] * 4):
+        blocks = [np.array(synthetic_block(words, rng)), np.array(synthetic_block(words[::-1] + [1, 2], rng))]
+        cases.append((synthetic, *collate_blocks(blocks, 0)))
+    full = [np.array(synthetic_block([1, 2, 3, 1, 1], rng)) for _ in range(3)]   # 8 tokens + 2: no padding
+    cases.append((synthetic, *collate_blocks(full, 0)))
+    cut = [np.array([60, 61] + synthetic_block([1, 3], rng)), np.array([70] + synthetic_block([2, 2], rng))]
+    cases.append((synthetic, *collate_blocks(cut, 0)))       # blocks cut mid-word: their first token starts one
+    for masker, tok, lens in cases:
+        plan = masker.plan(tok.numpy(), lens.numpy())
+        assert (plan.n_words, plan.longest) == _device_word_numbers(masker, tok, lens)
+        assert plan.padded == bool((lens < tok.shape[1]).any())
+        for sync_free in (False, True):
+            masker.sync_free = sync_free
+            plain = masker(tok, lens, mask_rng(2, 5, 1, "cpu"))
+            planned = masker(tok, lens, mask_rng(2, 5, 1, "cpu"), plan=plan)
+            masker.sync_free = None
+            assert planned.pop("encoder_label_capacity") == plan.encoder_label_capacity
+            labelled = int((plain["encoder_labels"] != -100).sum())
+            assert labelled <= plan.encoder_label_capacity
+            if plan.padded:
+                assert torch.equal(planned["encoder_attention_mask"], plain["encoder_attention_mask"])
+            else:
+                assert planned["encoder_attention_mask"] is None and bool(plain["encoder_attention_mask"].all())
+            for key in plain:
+                if key != "encoder_attention_mask":
+                    assert torch.equal(planned[key], plain[key]), (key, sync_free)
+
+
+def test_label_capacity_is_the_budget_of_full_width_samples():
+    """Full blocks fill their encoder budget exactly when one-token words remain: the capacity is
+    then tight, so the static head selection wastes no rows."""
+    rng = random.Random(4)
+    blocks = [np.array(synthetic_block([1] * 62, rng)) for _ in range(4)]                 # 62 + 2 = 64 tokens
+    tokens, lengths = collate_blocks(blocks, 0)
+    gen = synthetic_generator()
+    plan = gen.plan(tokens.numpy(), lengths.numpy())
+    out = gen(tokens, lengths, mask_rng(1, 1, 0, "cpu"), plan=plan)
+    assert plan.encoder_label_capacity == 4 * round(64 * 0.3)
+    assert int((out["encoder_labels"] != -100).sum()) == plan.encoder_label_capacity

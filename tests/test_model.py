@@ -32,14 +32,23 @@ def tiny_bert(dropout: float = 0.0, vocab: int = VOCAB) -> BertForMaskedLM:
     return BertForMaskedLM(config)
 
 
-def synthetic_batch(seed: int = 0, lengths=(20, 13, 6, 17)) -> dict:
+def synthetic_batch(seed: int = 0, lengths=(20, 13, 6, 17), static: bool = False) -> dict:
+    """A masked batch; `static`: drawn with the host plan (label capacity; no encoder mask if unpadded)."""
     rng = random.Random(seed)
     blocks = []
     for n in lengths:
         ids = synthetic_block([rng.choice([1, 1, 2, 3]) for _ in range(n)], rng)[:n]
         blocks.append(np.array(ids))
     tokens, lens = collate_blocks(blocks, 0)
-    return synthetic_generator()(tokens, lens, mask_rng(seed, 0, 0, "cpu"))
+    generator = synthetic_generator()
+    plan = generator.plan(tokens.numpy(), lens.numpy()) if static else None
+    return generator(tokens, lens, mask_rng(seed, 0, 0, "cpu"), plan=plan)
+
+
+def attention_of(batch: dict) -> torch.Tensor:
+    """The encoder mask; a static batch without padding has none (all ones)."""
+    mask = batch["encoder_attention_mask"]
+    return torch.ones_like(batch["encoder_input_ids"]) if mask is None else mask
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,7 +59,7 @@ def naive_reference_loss(model: RetroMAEForPretraining, batch: dict, objective: 
     """Full logits everywhere, HF's own MLM loss for the encoder, and a hand-written BERT layer with
     an additive [B, 1, L, L] mask for the decoder (as the reference did via get_extended_attention_mask)."""
     lm = model.lm
-    out = lm(input_ids=batch["encoder_input_ids"], attention_mask=batch["encoder_attention_mask"],
+    out = lm(input_ids=batch["encoder_input_ids"], attention_mask=attention_of(batch),
              labels=batch["encoder_labels"], output_hidden_states=True)
     cls = out.hidden_states[-1][:, :1]
     embeddings = lm.base_model.embeddings
@@ -76,7 +85,7 @@ def naive_reference_loss(model: RetroMAEForPretraining, batch: dict, objective: 
     if objective == "dupmae":
         # the DupMAE reference: max over positions 1.. of the encoder logits (padding pushed down by
         # 1000), log-softmax, targets weight[t] = 1 / len(tokens) for every token t of the sample
-        mask = batch["encoder_attention_mask"][:, 1:, None].float()
+        mask = attention_of(batch)[:, 1:, None].float()
         pooled = (out.logits[:, 1:] + (1 - mask) * -1000).max(dim=1).values
         weights = torch.zeros(batch_size, logits.shape[-1], device=logits.device)
         for b in range(batch_size):
@@ -91,18 +100,25 @@ def grads(model: nn.Module) -> dict:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-HEAD_VARIANTS = [pytest.param(True, None, id="fast"), pytest.param(True, 5, id="fast-chunked"),
-                 pytest.param(False, None, id="naive")]
+HEAD_VARIANTS = [pytest.param(True, None, None, id="fast"), pytest.param(True, 5, None, id="fast-chunked"),
+                 pytest.param(False, None, None, id="naive"),
+                 # static shapes (the trainer's path): padded batch, and one without padding (no encoder mask)
+                 pytest.param(True, None, (20, 13, 6, 17), id="static-padded"),
+                 pytest.param(True, 5, (22, 22, 22), id="static-unpadded-chunked")]
 
 
 @pytest.mark.parametrize("objective", ["retromae", "dupmae"])
-@pytest.mark.parametrize("fast_heads, chunk", HEAD_VARIANTS)
-def test_loss_and_gradients_match_the_naive_reference(objective, fast_heads, chunk):
+@pytest.mark.parametrize("fast_heads, chunk, static", HEAD_VARIANTS)
+def test_loss_and_gradients_match_the_naive_reference(objective, fast_heads, chunk, static):
     torch.manual_seed(0)
     config = RetroMAEConfig(objective=objective, bow_loss_weight=0.7, fast_heads=fast_heads, ce_chunk_size=chunk)
     model = RetroMAEForPretraining(tiny_bert(), config).train()
-    batch = synthetic_batch()
-    assert (~batch["decoder_attention_mask"].any(-1)).any()  # padding rows without a visible key exist
+    batch = synthetic_batch(lengths=static, static=True) if static else synthetic_batch()
+    if static:
+        assert batch["encoder_label_capacity"] > int((batch["encoder_labels"] != -100).sum())  # filler rows exist
+        assert (batch["encoder_attention_mask"] is None) == (len(set(static)) == 1)
+    else:
+        assert (~batch["decoder_attention_mask"].any(-1)).any()  # padding rows without a visible key exist
 
     expected = naive_reference_loss(model, batch, objective)
     expected.backward()
@@ -548,3 +564,11 @@ def test_summed_cross_entropy_equals_stock_cross_entropy(monkeypatch):
         g_ours, = torch.autograd.grad(0.37 * ours, z)
         g_stock, = torch.autograd.grad(0.37 * stock, z)
         assert g_ours.dtype == dtype and torch.allclose(g_ours.float(), g_stock.float(), atol=tol)
+    ignored = target.clone()
+    ignored[[1, 4]] = -100                                 # filler rows of a static selection: zero loss and grad
+    z = torch.randn(7, 20, requires_grad=True)
+    ours, stock = heads.summed_cross_entropy(z, ignored), F.cross_entropy(z, ignored, reduction="sum")
+    assert torch.allclose(ours, stock, rtol=1e-6)
+    g_ours, = torch.autograd.grad(ours, z)
+    g_stock, = torch.autograd.grad(stock, z)
+    assert torch.allclose(g_ours, g_stock, atol=1e-6) and not g_ours[[1, 4]].any()

@@ -105,3 +105,24 @@ def test_micro_batch_shape_errors():
         micro_batch_indices(np.arange(12), 3, 2, 2, 0)  # rank 2 of 2
     with pytest.raises(ValueError):
         micro_batch_indices(np.arange(12), 3, 2, 0, 2)  # only 2 accumulation steps
+
+
+@pytest.mark.parametrize("batch", [3, 10, 25])
+def test_peeking_ahead_changes_neither_the_order_nor_the_position(batch):
+    """The trainer peeks at the next global batch to load it early; the batches handed out and the
+    saved position must be those of a sampler that never peeked (across epoch ends, and for a batch
+    larger than an epoch)."""
+    plain, peeking = GlobalBatchSampler(10, seed=5), GlobalBatchSampler(10, seed=5)
+    for step in range(12):
+        state = peeking.state_dict()
+        ahead = peeking.peek_global_batch(batch)
+        assert peeking.state_dict() == state
+        if step % 3 == 2:                                    # a checkpoint taken between peek and use
+            resumed = GlobalBatchSampler(10, seed=5)
+            resumed.load_state_dict(peeking.state_dict())
+            assert np.array_equal(resumed.next_global_batch(batch), ahead)
+        got, want = peeking.next_global_batch(batch), plain.next_global_batch(batch)
+        assert np.array_equal(got, want) and np.array_equal(ahead, want)
+        assert peeking.state_dict() == plain.state_dict()
+    peeking.peek_global_batch(batch)
+    assert np.array_equal(peeking.next_global_batch(batch + 1), plain.next_global_batch(batch + 1))

@@ -34,12 +34,17 @@ below the length of the word that stopped the prefix, so there are few rounds). 
 so the encoder (B rows) and the decoder pool (B * K rows, or B * L without a pool) use the same code;
 nothing loops over tokens.
 
-Host syncs: one per call (the word count and the longest word, read together: they fix tensor shapes
-and the round bound). With a pool on an accelerator, the greedy rounds run a fixed `longest - 1` times
-over all rows (each round takes one word per row that still has a fitting one, and the budget left
-after the prefix is below the longest word), so there is no per-round sync. Without a pool (B * L rows:
-too many for full-width rounds) and on the CPU (where a sync is free) the rounds compact the unfinished
-rows instead, one sync per round. Both loops give the same draw (`MaskGenerator.sync_free` picks).
+Host syncs. Two numbers fix tensor shapes and loop bounds: the most words in a sample and the
+longest word. Given a `BatchPlan` (`MaskGenerator.plan`, computed with numpy from the host copy of the
+blocks before they are sent, e.g. in the loader thread), the call makes no host sync at all; without
+one it reads both from the device in one sync. With a pool on an accelerator, the greedy rounds run a
+fixed `longest - 1` times over all rows (each round takes one word per row that still has a fitting
+one, and the budget left after the prefix is below the longest word), so there is no per-round sync.
+Without a pool (B * L rows: too many for full-width rounds) and on the CPU (where a sync is free) the
+rounds compact the unfinished rows instead, one sync per round. Both loops give the same draw
+(`MaskGenerator.sync_free` picks). A plan also makes the batch static for the model: the encoder's
+attention mask is None when no sample is padded (no padding check, the flash kernel applies) and
+`encoder_label_capacity` bounds the masked positions, so the MLM head selects rows with a fixed shape.
 
 Randomness comes only from the `torch.Generator` passed in; `mask_rng(seed, step, rank, device)`
 builds it from the run seed, the global step and the rank (or micro-batch number), so masks are
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -156,6 +162,17 @@ def mask_rng(seed: int, step: int, rank: int, device) -> torch.Generator:
     return generator
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """What the host knows about a collated batch before it reaches the device: with it, the mask draw
+    and the model's heads need no host-device sync (every shape and loop bound is known up front)."""
+
+    n_words: int                 # the most words in one sample (the width of the word tables)
+    longest: int                 # the longest word, in tokens (the greedy rounds' bound)
+    padded: bool                 # some sample is shorter than the batch width
+    encoder_label_capacity: int  # at most this many encoder positions get a label
+
+
 class MaskGenerator:
     """Builds the six RetroMAE input tensors from packed blocks with torch ops on their device."""
 
@@ -183,6 +200,7 @@ class MaskGenerator:
             raise UserError(f"decoder_mask_pool = {decoder_mask_pool!r}: must be an integer >= 0 (whole-word draws "
                             f"per sample for the decoder rows to pick from; 0 = one draw per row).")
         self.continuation = continuation.to(torch.bool)
+        self._host_continuation = self.continuation.cpu().numpy()  # for plan(), which runs on the host
         self.cls_id, self.sep_id, self.pad_id, self.mask_id = int(cls_id), int(sep_id), int(pad_id), int(mask_id)
         self.encoder_mask_ratio = float(encoder_mask_ratio)
         self.decoder_mask_ratio = float(decoder_mask_ratio)
@@ -196,8 +214,31 @@ class MaskGenerator:
         self.replacement_ids = self.replacement_ids.to(device)
         return self
 
+    def plan(self, tokens, lengths) -> BatchPlan:
+        """The `BatchPlan` of a collated batch, from its host copy (numpy or CPU tensors): the same word
+        structure `__call__` finds on the device (a word starts at the first token and at every token
+        the continuation table does not mark), computed here so that the device never reports it back."""
+        tokens = np.asarray(tokens)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        batch, width = tokens.shape
+        real = np.arange(width)[None, :] < lengths[:, None]
+        table = self._host_continuation
+        continues = table[np.clip(tokens, 0, len(table) - 1)] & real
+        continues[:, 0] = False                                # a block's first token always starts a word
+        starts = real & ~continues
+        n_words = int(starts.sum(1).max()) if batch else 0
+        start_at = np.flatnonzero(starts[real])                # words never cross samples: each starts one
+        longest = int(np.diff(np.append(start_at, int(real.sum()))).max()) if len(start_at) else 0
+        per_sample = max(1, round((width + 2) * self.encoder_mask_ratio))  # the budget of a full-width sample
+        return BatchPlan(n_words=n_words, longest=longest, padded=bool((lengths < width).any()),
+                         encoder_label_capacity=batch * min(width, per_sample))
+
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator) -> dict:
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator,
+                 plan: BatchPlan | None = None) -> dict:
+        """The six model inputs. With `plan` (from `self.plan` on the same batch) nothing syncs with the
+        host, the encoder mask is None when no sample is padded, and the batch also carries
+        `encoder_label_capacity`; the masks drawn are the same with or without a plan."""
         device = tokens.device
         batch, width = tokens.shape
         seq_len = width + 2
@@ -218,9 +259,12 @@ class MaskGenerator:
         word_of = (starts.cumsum(1) - 1).clamp(min=0)                           # word index per position
         word_len = torch.zeros(batch, seq_len, dtype=torch.int32, device=device)  # trimmed to n_words below
         word_len.scatter_add_(1, word_of, real.to(torch.int32))
-        # the one host sync: both numbers fix shapes (n_words) or the round bound (longest)
-        n_words, longest = (torch.stack([starts.sum(1).max(), word_len.max().to(torch.long)]).tolist()
-                            if batch else (0, 0))
+        # both numbers fix shapes (n_words) or the round bound (longest): from the plan, or one host sync
+        if plan is not None:
+            n_words, longest = plan.n_words, plan.longest
+        else:
+            n_words, longest = (torch.stack([starts.sum(1).max(), word_len.max().to(torch.long)]).tolist()
+                                if batch else (0, 0))
         word_len = word_len[:, :max(n_words, 1)].contiguous()
         use_sync_free = self.sync_free if self.sync_free is not None else device.type != "cpu"
         sync_free = longest if self.decoder_mask_pool and use_sync_free else None
@@ -252,7 +296,7 @@ class MaskGenerator:
             visible &= visible_cols[:, :, None]
         visible.diagonal(dim1=1, dim2=2).fill_(False)                           # row i hides itself
 
-        return {
+        out = {
             "encoder_input_ids": encoder_input_ids,
             "encoder_attention_mask": visible_cols.long(),
             "encoder_labels": encoder_labels,
@@ -260,6 +304,11 @@ class MaskGenerator:
             "decoder_attention_mask": visible,
             "decoder_labels": torch.where(real, ids, IGNORE_INDEX),
         }
+        if plan is not None:
+            if not plan.padded:
+                out["encoder_attention_mask"] = None  # all visible: no mask to check, flash attention applies
+            out["encoder_label_capacity"] = plan.encoder_label_capacity
+        return out
 
     def _pooled_decoder_mask(self, word_len, word_of, real, visible_cols, lengths, dec_budget, sync_free: int | None,
                              generator: torch.Generator) -> torch.Tensor:

@@ -68,6 +68,7 @@ class GlobalBatchSampler:
         self.consumed_in_epoch = 0
         self._cached_epoch = -1
         self._cached_positions = np.zeros(0, np.int32)
+        self._peeked: tuple | None = None  # ((epoch, consumed, n), ids) of the last peek
 
     @classmethod
     def for_dataset(cls, dataset, seed: int, shuffle: bool = True) -> "GlobalBatchSampler":
@@ -101,10 +102,27 @@ class GlobalBatchSampler:
         """The full sample order of one epoch (a new array of num_samples ids; for inspection)."""
         return self._ids(epoch, 0, self.num_samples)
 
+    def peek_global_batch(self, n: int) -> np.ndarray:
+        """What ``next_global_batch(n)`` will return, without consuming it: the trainer loads the next
+        step's blocks ahead while the position (what a checkpoint saves) still counts trained samples only."""
+        key = (self.epoch, self.consumed_in_epoch, n)
+        if self._peeked is None or self._peeked[0] != key:
+            epoch, consumed = self.epoch, self.consumed_in_epoch
+            try:
+                ids = self.next_global_batch(n)
+            finally:
+                self.epoch, self.consumed_in_epoch = epoch, consumed
+            self._peeked = (key, ids)
+        return self._peeked[1]
+
     def next_global_batch(self, n: int) -> np.ndarray:
         """The next ``n`` sample indices, continuing into the next epoch if this one runs out."""
         if n < 1:
             raise ValueError(f"global batch size must be positive, got {n}")
+        if self._peeked is not None and self._peeked[0] == (self.epoch, self.consumed_in_epoch, n):
+            ids, self._peeked = self._peeked[1], None
+            self._advance(n)
+            return ids
         parts = []
         while n:
             take = min(n, self.num_samples - self.consumed_in_epoch)
@@ -115,6 +133,11 @@ class GlobalBatchSampler:
                 self.epoch += 1
                 self.consumed_in_epoch = 0
         return np.concatenate(parts)
+
+    def _advance(self, n: int) -> None:
+        total = self.consumed_in_epoch + n
+        self.epoch += total // self.num_samples
+        self.consumed_in_epoch = total % self.num_samples
 
     def state_dict(self) -> dict:
         return {"num_samples": self.num_samples, "seed": self.seed, "shuffle": self.shuffle,
@@ -147,6 +170,7 @@ class GlobalBatchSampler:
             raise UserError(f"the checkpoint's data position (epoch {epoch}, {consumed} consumed) is "
                             f"impossible for {self.num_samples} samples; the checkpoint is damaged.")
         self.epoch, self.consumed_in_epoch = epoch, consumed
+        self._peeked = None
 
 
 def _describe_blend(order_id) -> str:

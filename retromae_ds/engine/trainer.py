@@ -114,13 +114,14 @@ class Trainer:
         import numpy as np
         import torch
 
-        from retromae_ds.data.masking import MaskGenerator, collate_blocks, continuation_table, mask_rng
-        from retromae_ds.data.sampler import GlobalBatchSampler, micro_batch_indices
+        from retromae_ds.data.loader import MicroBatchLoader
+        from retromae_ds.data.masking import MaskGenerator, continuation_table, mask_rng
+        from retromae_ds.data.sampler import GlobalBatchSampler
         from retromae_ds.engine import checkpoint as ckpt
         from retromae_ds.engine.build import (build_model, count_params, load_data, load_tokenizer, param_groups,
                                               resolve_max_seq_len, write_model_files)
         from retromae_ds.engine.schedule import lr_at, plan_schedule
-        from retromae_ds.monitor import MetricsLogger, ProgressBar, Throughput
+        from retromae_ds.monitor import MetricsLogger, ProgressBar, StepProfiler, Throughput
 
         out_dir = Path(cfg.output_dir)
         if dist.is_main:
@@ -147,6 +148,12 @@ class Trainer:
             config_mod.load_deepspeed_json(cfg.deepspeed), cfg, world_size=world, precision=precision,
             source=f"--deepspeed {cfg.deepspeed}")
         global_batch = cfg.micro_batch_size * cfg.grad_accum * world  # after the JSON may have set them
+        if cfg.compile:
+            if ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
+                raise UserError(f"--compile with ZeRO-3 ({cfg.deepspeed}): ZeRO-3 gathers each layer's parameters in "
+                                f"hooks around its call, which compiled layers do not run through. Use ZeRO-1 or "
+                                f"ZeRO-2 (--deepspeed zero1 / zero2) with --compile, or drop --compile.")
+            model.compile_layers()
 
         # --- what to resume from: rank 0 decides (and sets damaged checkpoints aside), all follow ----
         resume_from = self._agree_on_resume(out_dir, broadcast_object, all_gather_object)
@@ -175,6 +182,9 @@ class Trainer:
                                decoder_mask_ratio=cfg.decoder_mask_ratio,
                                decoder_mask_pool=cfg.decoder_mask_pool).to(device)
         sampler = GlobalBatchSampler.for_dataset(data.train, seed=cfg.seed)
+        loader = MicroBatchLoader(data.train, masker, pad_id, block_cap, cfg.micro_batch_size, world, dist.rank,
+                                  cfg.grad_accum, pin=device.type == "cuda", static_width=cfg.compile)
+        ahead = None  # the next step's micro-batches, loading
 
         step, skipped_total, tokens_seen, rewarm_from = 0, 0, 0, None
         if dist.is_main:
@@ -205,6 +215,8 @@ class Trainer:
         meter = Throughput(model_config=model.lm.config, objective=cfg.objective, device=device,
                            dtype=precision, world_size=world, peak_tflops=cfg.peak_tflops or None)
         bar = ProgressBar(total_steps, initial_step=step, enabled=dist.is_main)
+        profiler = StepProfiler(config_mod.parse_profile_steps(cfg.profile_steps), out_dir / "profile",
+                                enabled=dist.is_main, device=device)
         if dist.is_main and step == 0:
             self._print_banner(model, ds_config, total_steps, global_batch, n_train, precision, world)
         run_facts = {"precision": precision, "zero_stage": engine.zero_optimization_stage(),
@@ -284,6 +296,7 @@ class Trainer:
         engine.train()
         try:
             while steps_left() > 0:
+                profiler.before_step(step + 1)
                 t0 = time.monotonic()
                 lr = lr_at(sched.position(sampler.total_consumed), peak_lr=cfg.lr, total_steps=sched.total_steps,
                            warmup=sched.warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
@@ -291,21 +304,19 @@ class Trainer:
                     lr *= min(1.0, (step - rewarm_from + 1) / sched.rewarm_steps())
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
-                batch_idx = sampler.next_global_batch(global_batch)
+                if ahead is None:  # the first step (later ones were submitted one step early)
+                    ahead = loader.submit(sampler.peek_global_batch(global_batch))
+                batch_idx, ready = sampler.next_global_batch(global_batch), ahead
+                # the next step's blocks load on the loader's thread while this step runs on the device
+                ahead = loader.submit(sampler.peek_global_batch(global_batch)) if steps_left() > 0 else None
                 step_tokens = int(sizes[batch_idx].sum())
-                data_wait = 0.0
+                t_data = time.monotonic()
+                micro_batches = ready.result()
+                data_wait = time.monotonic() - t_data
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any micro-batch's loss
-                for k in range(cfg.grad_accum):
-                    t_data = time.monotonic()
-                    micro = micro_batch_indices(batch_idx, cfg.micro_batch_size, world, dist.rank, k)
-                    tokens, lengths = collate_blocks([data.train[int(i)][:block_cap] for i in micro], pad_id,
-                                                    max_tokens=block_cap)
+                for k, micro in enumerate(micro_batches):
                     micro_no = k * world + dist.rank
-                    if device.type == "cuda":  # page-locked: the copy runs asynchronously to the host
-                        tokens, lengths = tokens.pin_memory(), lengths.pin_memory()
-                    batch = masker(tokens.to(device, non_blocking=True), lengths.to(device, non_blocking=True),
-                                   mask_rng(cfg.seed, step, micro_no, device))
-                    data_wait += time.monotonic() - t_data
+                    batch = masker(*micro.to(device), mask_rng(cfg.seed, step, micro_no, device), plan=micro.plan)
                     torch.manual_seed(mix_seed(cfg.seed, step, micro_no, 1))  # dropout: same for any resume
                     out = engine(**batch)
                     loss = out.loss
@@ -328,8 +339,6 @@ class Trainer:
                 bad_step = nonfinite | (not engine.was_step_applied())
                 bad_run = (bad_run + 1) * bad_step
                 bad_new += bad_step
-                meter.update(step_time=time.monotonic() - t0, data_wait=data_wait, tokens=step_tokens,
-                             samples=global_batch, seq_len=cfg.max_seq_len)
                 finished = steps_left() == 0
                 eval_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0 and not finished
                 save_now = bool(cfg.save_interval) and step % cfg.save_interval == 0 and not finished
@@ -347,6 +356,10 @@ class Trainer:
                     consecutive_bad = int(run_max)
                     skipped_total += int(new_max)
                     bad_new.zero_()
+                # after the sync: the step that syncs also counts the device work the steps before it queued
+                meter.update(step_time=time.monotonic() - t0, data_wait=data_wait, tokens=step_tokens,
+                             samples=global_batch, seq_len=cfg.max_seq_len)
+                profiler.after_step(step)
 
                 if step % cfg.log_interval == 0 or finished:
                     sums = all_reduce_sum(loss_sum.tolist() + [float(acc_sum), float(n_micro)], device)
@@ -407,6 +420,9 @@ class Trainer:
                 print(f"pretrain: error: {self._save_failure_message(failed, out_dir, count_params(model))}",
                       file=sys.stderr, flush=True)
             return EXIT_SAVE_FAILED
+        finally:
+            loader.close()
+            profiler.close()
         if reason in ("signal", "time-budget"):
             if dist.is_main:
                 print(f"[retromae-ds] stopped on {reason} at step {step}/{total_steps}; checkpoint {path}. "

@@ -15,6 +15,13 @@ upcast logits keeps an fp32 log-softmax and builds two full fp32 buffers in back
 `chunk_size`, rows are projected `chunk_size` at a time inside activation checkpoints, so at most
 one chunk of logits exists at once (the head's forward is recomputed in backward): the option for
 250k-token vocabularies such as XLM-R. Every path gives the naive loss (tests check 1e-5).
+
+Static selection. Picking "the rows whose label is not -100" with a boolean index has a shape only
+the device knows, so the host waits for it (a sync per head per micro-batch) and `torch.compile` sees a
+new shape every time. Given a `capacity` known on the host (the masker's budget bounds the encoder's
+masked positions; the decoder labels every real row), the rows are gathered through an index of that
+fixed size instead: labelled rows first, in order, then filler rows whose target is -100, which the
+cross-entropy counts as zero with zero gradient. Same loss, a fixed shape, no sync.
 """
 
 from __future__ import annotations
@@ -132,17 +139,21 @@ ROW_BLOCK_ELEMENTS = 1 << 26  # elementwise passes over the logits go ~64M value
 
 
 class _SummedCrossEntropy(torch.autograd.Function):
-    """sum_i -log_softmax(z_i)[y_i] in fp32. Keeps only the logits (bf16 under mixed precision) for
-    backward and writes softmax(z) - onehot(y) straight into a gradient of the logits' dtype; the
-    fp32 passes run over blocks of rows, so no full-size fp32 copy of the logits ever exists."""
+    """sum_i -log_softmax(z_i)[y_i] in fp32 over rows with y_i != -100 (the others add 0 and get a zero
+    gradient). Keeps only the logits (bf16 under mixed precision) for backward and writes
+    softmax(z) - onehot(y) straight into a gradient of the logits' dtype; the fp32 passes run over
+    blocks of rows, so no full-size fp32 copy of the logits ever exists."""
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         wide, step = _wide(logits.dtype), _row_block(logits)
+        valid = target != IGNORE_INDEX
+        safe = target.clamp(min=0)
         loss = logits.new_zeros((), dtype=wide)
         for start in range(0, logits.shape[0], step):
             log_probs = torch.log_softmax(logits[start:start + step], dim=-1, dtype=wide)
-            loss = loss - log_probs.gather(1, target[start:start + step, None]).sum()
+            picked = log_probs.gather(1, safe[start:start + step, None]).squeeze(1)
+            loss = loss - torch.where(valid[start:start + step], picked, 0).sum()
         ctx.save_for_backward(logits, target)
         return loss
 
@@ -150,11 +161,14 @@ class _SummedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         logits, target = ctx.saved_tensors
         wide, step = _wide(logits.dtype), _row_block(logits)
+        valid = target != IGNORE_INDEX
+        safe = target.clamp(min=0)
         out = torch.empty_like(logits)
         for start in range(0, logits.shape[0], step):
             probs = torch.softmax(logits[start:start + step], dim=-1, dtype=wide)
-            probs.scatter_add_(1, target[start:start + step, None], probs.new_full((probs.shape[0], 1), -1.0))
-            out[start:start + step] = probs.mul_(grad)
+            probs.scatter_add_(1, safe[start:start + step, None], probs.new_full((probs.shape[0], 1), -1.0))
+            scale = torch.where(valid[start:start + step, None], grad, 0)
+            out[start:start + step] = probs.mul_(scale)
         return out, None
 
 
@@ -167,7 +181,7 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
 
 
 def summed_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over rows (every row labelled); `F.cross_entropy(..., reduction='sum')`."""
+    """Cross-entropy summed over rows; `F.cross_entropy(..., reduction='sum', ignore_index=-100)`."""
     return _SummedCrossEntropy.apply(logits, target)
 
 
@@ -181,17 +195,35 @@ def _rows_loss(head: nn.Module, rows: torch.Tensor, target: torch.Tensor, count_
     return _logits_loss(head(rows), target, count_correct)
 
 
+def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, capacity: int | None = None):
+    """(rows [N, H], targets [N]) of the positions whose label is not -100.
+
+    Without `capacity`, exactly those rows (N known only on the device: a host sync). With it, N =
+    capacity rows (the labelled ones first, in order, then filler rows with target -100), a fixed shape
+    without a sync; a capacity that does not hold them all fails on the device (an asynchronous assert).
+    """
+    flat_hidden, flat_labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
+    if capacity is None:
+        keep = flat_labels != IGNORE_INDEX
+        return flat_hidden[keep], flat_labels[keep]
+    if capacity >= flat_labels.numel():
+        return flat_hidden, flat_labels
+    ignored = (flat_labels == IGNORE_INDEX).to(torch.uint8)
+    torch._assert_async(flat_labels.numel() - ignored.sum() <= capacity,
+                        "more labelled positions than the static capacity of the MLM head's row selection")
+    index = torch.argsort(ignored, stable=True)[:capacity]
+    return flat_hidden.index_select(0, index), flat_labels.index_select(0, index)
+
+
 def labelled_rows_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
-                       count_correct: bool = True):
+                       count_correct: bool = True, capacity: int | None = None):
     """Fast head: (loss summed over labelled positions, number of them predicted right; 0 unless
     `count_correct`).
 
-    Projects only the hidden rows whose label is not -100; with `chunk_size`, at most that many rows
-    at a time under activation checkpointing.
+    Projects only the hidden rows whose label is not -100 (`capacity`: a fixed number of rows, see
+    `labelled_rows`); with `chunk_size`, at most that many rows at a time under activation checkpointing.
     """
-    keep = labels.reshape(-1) != IGNORE_INDEX
-    rows = hidden.reshape(-1, hidden.shape[-1])[keep]
-    target = labels.reshape(-1)[keep]
+    rows, target = labelled_rows(hidden, labels, capacity)
     count = target.numel()
     if not chunk_size or count <= chunk_size or not torch.is_grad_enabled():
         return _rows_loss(head, rows, target, count_correct)
@@ -222,26 +254,32 @@ def max_pool_logits(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return masked.max(dim=1).values.float()
 
 
-def _pool_chunk(head, hidden, labels, keep):
+def _pool_chunk(head, hidden, labels, keep, static):
     logits = head(hidden)
-    sel = labels != IGNORE_INDEX
-    loss, correct = _logits_loss(logits[sel], labels[sel])
+    if static:  # every row, unlabelled ones counting zero: no data-dependent shape
+        loss, correct = _logits_loss(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    else:
+        sel = labels != IGNORE_INDEX
+        loss, correct = _logits_loss(logits[sel], labels[sel])
     return max_pool_logits(logits, keep), loss, correct
 
 
 def pooled_and_labelled_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
-                             chunk_size: int | None = None):
+                             chunk_size: int | None = None, static: bool = False):
     """For DupMAE (which needs logits at every position anyway): one head pass gives both the
     max-pooled bag-of-words vector over `keep` positions and the MLM loss on labelled positions.
 
     Returns (pooled [B, V] fp32, loss sum, number right). With `chunk_size`,
     positions are processed in slices of about chunk_size rows under activation checkpointing.
+    `static`: the loss runs over every row (unlabelled ones add zero) instead of selecting the
+    labelled ones, so no shape depends on the data (no host sync).
     """
     batch, length = labels.shape
     step = length if not chunk_size else max(1, chunk_size // max(batch, 1))
     pooled, loss, correct = None, None, None
     for start in range(0, length, step):
-        args = (head, hidden[:, start:start + step], labels[:, start:start + step], keep[:, start:start + step])
+        args = (head, hidden[:, start:start + step], labels[:, start:start + step], keep[:, start:start + step],
+                static)
         if step < length and torch.is_grad_enabled():
             part = checkpoint(_pool_chunk, *args, use_reentrant=False)
         else:

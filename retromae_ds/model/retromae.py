@@ -123,19 +123,29 @@ class RetroMAEForPretraining(nn.Module):
 
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, encoder_input_ids, encoder_attention_mask, encoder_labels, decoder_input_ids=None,
-                decoder_attention_mask=None, decoder_labels=None, bag_word_weight=None) -> RetroMAEOutput:
+                decoder_attention_mask=None, decoder_labels=None, bag_word_weight=None,
+                encoder_label_capacity: int | None = None) -> RetroMAEOutput:
+        """`encoder_attention_mask` None means no padding (the encoder then runs without a mask: no check
+        for padding, flash attention). `encoder_label_capacity` (a host-known bound on the encoder's
+        labelled positions, from the masker's plan) makes every shape static: the heads gather a fixed
+        number of rows instead of a data-dependent selection, so a step never waits for the device."""
         cfg = self.config
         hidden = self.lm.base_model(input_ids=encoder_input_ids, attention_mask=encoder_attention_mask)[0]
         head, chunk = self.mlm_head, cfg.ce_chunk_size
+        static = encoder_label_capacity is not None
         encoder_tokens = (encoder_labels != heads.IGNORE_INDEX).sum()
         bow_loss = None
         if cfg.objective == "dupmae":
             if decoder_labels is None and bag_word_weight is None:
                 raise ValueError("dupmae needs decoder_labels (or bag_word_weight) for its bag-of-words targets")
-            keep = encoder_attention_mask.bool().clone()
+            if encoder_attention_mask is None:
+                keep = torch.ones_like(encoder_labels, dtype=torch.bool)
+            else:
+                keep = encoder_attention_mask.bool().clone()
             keep[:, 0] = False  # the reference pools positions 1.. (not [CLS])
             if cfg.fast_heads:
-                pooled, enc_sum, enc_right = heads.pooled_and_labelled_loss(head, hidden, encoder_labels, keep, chunk)
+                pooled, enc_sum, enc_right = heads.pooled_and_labelled_loss(head, hidden, encoder_labels, keep, chunk,
+                                                                            static=static)
             else:
                 logits = head(hidden)
                 enc_sum, enc_right = heads.dense_logits_loss(logits, encoder_labels)
@@ -145,7 +155,8 @@ class RetroMAEForPretraining(nn.Module):
                 heads.bag_of_words_targets(decoder_labels, pooled.shape[-1])
             bow_loss = heads.bag_of_words_loss(pooled, targets.to(pooled.dtype))
         elif cfg.fast_heads:
-            enc_sum, enc_right = heads.labelled_rows_loss(head, hidden, encoder_labels, chunk)
+            enc_sum, enc_right = heads.labelled_rows_loss(head, hidden, encoder_labels, chunk,
+                                                          capacity=encoder_label_capacity)
         else:
             enc_sum, enc_right = heads.dense_logits_loss(head(hidden), encoder_labels)
         encoder_loss = enc_sum / encoder_tokens.clamp(min=1)
@@ -155,7 +166,11 @@ class RetroMAEForPretraining(nn.Module):
         if cfg.objective != "mlm":
             decoded = self._decode(hidden[:, :1], decoder_input_ids, decoder_attention_mask)
             decoder_tokens = (decoder_labels != heads.IGNORE_INDEX).sum()
-            if cfg.fast_heads:
+            if cfg.fast_heads and static:  # every row but [CLS] and the last ([SEP] or padding): a slice
+                inner = decoder_labels[:, 1:-1]
+                dec_sum, _ = heads.labelled_rows_loss(head, decoded[:, 1:-1], inner, chunk, count_correct=False,
+                                                      capacity=inner.numel())
+            elif cfg.fast_heads:
                 dec_sum, _ = heads.labelled_rows_loss(head, decoded, decoder_labels, chunk, count_correct=False)
             else:
                 dec_sum, _ = heads.dense_logits_loss(head(decoded), decoder_labels)
@@ -196,6 +211,20 @@ class RetroMAEForPretraining(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self._checkpoint_decoder
+
+    # --- torch.compile ------------------------------------------------------------------------------
+    def compile_layers(self, **options) -> int:
+        """torch.compile each encoder layer and the decoder layer in place (`nn.Module.compile`); returns
+        how many modules were compiled.
+
+        Layers, not the whole model: they are where the FLOPs are, they are identical (one compiled graph
+        serves all of them), and the code around them (the HF mask preparation, the heads' custom
+        cross-entropy, DeepSpeed's hooks) stays eager, so nothing there can break a graph or recompile.
+        State-dict keys do not change (the module is compiled in place, not wrapped)."""
+        layers = list(encoder_layers(self.lm.base_model)) + [self.c_head]
+        for layer in layers:
+            layer.compile(**options)
+        return len(layers)
 
     # --- state dicts ------------------------------------------------------------------------------
     def normalize_state_dict(self, state: dict) -> dict:
@@ -288,6 +317,15 @@ class RetroMAEForPretraining(nn.Module):
                 model.load_state_file(folder / name)
                 break
         return model
+
+
+def encoder_layers(base_model: nn.Module) -> nn.ModuleList:
+    """The encoder's stack of transformer layers: the ModuleList holding most of its parameters
+    (BERT/RoBERTa/XLM-R `encoder.layer`, ModernBERT `layers`)."""
+    lists = [m for m in base_model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+    if not lists:
+        raise UserError(f"{type(base_model).__name__}: no list of layers found to compile; run without --compile.")
+    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def _load_masked_lm(folder: Path) -> nn.Module:
