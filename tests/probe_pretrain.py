@@ -18,6 +18,10 @@ RETROMAE_TEST_PROBE_INIT=1 also saves the module's state dict as handed to deeps
 (DIR/init_state.pt, rank 0): the starting weights after --model / --resume loading.
 RETROMAE_TEST_SIGTERM_AFTER=K sends SIGTERM to this process group during optimizer step K of this
 process (counted from 1 after any resume): the trainer's own signal path, at a deterministic step.
+RETROMAE_TEST_SYNCS=N records the operations that would make the host wait for a GPU
+(tests/sync_watch.py) during steps 1..N, per step, into the probe's "syncs": a step is the time from
+one `next_global_batch` call to the next, so it includes that step's logging. The mask generator
+takes its accelerator path (fixed greedy rounds), as it would on a GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 PROBE = os.environ.get("RETROMAE_TEST_PROBE", "")
-RECORD: dict = {"engine": None, "forwards": {}, "blocks": [], "steps": 0, "module": None}
+RECORD: dict = {"engine": None, "forwards": {}, "blocks": [], "steps": 0, "module": None, "syncs": []}
+SYNC_STEPS = int(os.environ.get("RETROMAE_TEST_SYNCS", "0"))
 
 
 class _RecordingDataset:
@@ -120,6 +125,41 @@ def _install() -> None:
         return result
 
     deepspeed.initialize = initialize
+    if SYNC_STEPS:
+        _watch_syncs()
+
+
+def _watch_syncs() -> None:
+    from retromae_ds.data.masking import MaskGenerator
+    from retromae_ds.data.sampler import GlobalBatchSampler
+    from tests.sync_watch import SyncWatch
+
+    MaskGenerator.sync_free = True
+    watch = SyncWatch(cuda_debug=True)
+    original = GlobalBatchSampler.next_global_batch
+    original_peek = GlobalBatchSampler.peek_global_batch
+    peeking = [False]
+
+    def peek_global_batch(self, n):  # peeking calls next_global_batch inside: not a new step
+        peeking[0] = True
+        try:
+            return original_peek(self, n)
+        finally:
+            peeking[0] = False
+
+    def next_global_batch(self, n):
+        if peeking[0]:
+            return original(self, n)
+        watch.window += 1  # the step about to run
+        if watch.window == 1:
+            watch.__enter__()
+        elif watch.window == SYNC_STEPS + 1:
+            watch.__exit__(None, None, None)
+            RECORD["syncs"] = watch.records
+        return original(self, n)
+
+    GlobalBatchSampler.next_global_batch = next_global_batch
+    GlobalBatchSampler.peek_global_batch = peek_global_batch
 
 
 def main() -> int:

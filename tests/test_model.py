@@ -572,3 +572,25 @@ def test_summed_cross_entropy_equals_stock_cross_entropy(monkeypatch):
     g_ours, = torch.autograd.grad(ours, z)
     g_stock, = torch.autograd.grad(stock, z)
     assert torch.allclose(g_ours, g_stock, atol=1e-6) and not g_ours[[1, 4]].any()
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_ready_made_padding_mask_equals_the_2d_mask(family, attn):
+    """The encoder gets an additive [B, 1, 1, L] padding mask (no `mask.all()` read by transformers):
+    the encoder's output at real positions must be the 2D mask's, for both attention kernels."""
+    torch.manual_seed(0)
+    cls, config_cls = (BertForMaskedLM, BertConfig) if family == "bert" else (RobertaForMaskedLM, RobertaConfig)
+    config = config_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=80, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, attn_implementation=attn)
+    model = RetroMAEForPretraining(cls(config)).eval()
+    batch = synthetic_batch()
+    mask = batch["encoder_attention_mask"]
+    prepared = model._encoder_mask(mask)
+    assert prepared.shape == (mask.shape[0], 1, 1, mask.shape[1])
+    ids = batch["encoder_input_ids"]
+    ours = model.lm.base_model(input_ids=ids, attention_mask=prepared)[0]
+    theirs = model.lm.base_model(input_ids=ids, attention_mask=mask)[0]
+    real = mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-6)

@@ -45,6 +45,9 @@ from retromae_ds.model.decoder import EnhancedDecoderLayer
 from retromae_ds.model.positions import ROTARY, decoder_positions
 
 OBJECTIVES = ("retromae", "dupmae", "mlm")
+# encoders whose self-attention is full and bidirectional (no local windows): their padding mask can be
+# handed over ready-made (see RetroMAEForPretraining._encoder_mask)
+PLAIN_BIDIRECTIONAL = frozenset({"bert", "roberta", "xlm-roberta"})
 STATE_FILE = "model.safetensors"
 REFERENCE_STATE_FILE = "pytorch_model.bin"
 ENCODER_DIR = "encoder_model"
@@ -130,7 +133,7 @@ class RetroMAEForPretraining(nn.Module):
         labelled positions, from the masker's plan) makes every shape static: the heads gather a fixed
         number of rows instead of a data-dependent selection, so a step never waits for the device."""
         cfg = self.config
-        hidden = self.lm.base_model(input_ids=encoder_input_ids, attention_mask=encoder_attention_mask)[0]
+        hidden = self.lm.base_model(input_ids=encoder_input_ids, attention_mask=self._encoder_mask(encoder_attention_mask))[0]
         head, chunk = self.mlm_head, cfg.ce_chunk_size
         static = encoder_label_capacity is not None
         encoder_tokens = (encoder_labels != heads.IGNORE_INDEX).sum()
@@ -181,6 +184,21 @@ class RetroMAEForPretraining(nn.Module):
         accuracy = (enc_right.float() / encoder_tokens.clamp(min=1)).detach()
         return RetroMAEOutput(loss=loss, encoder_loss=encoder_loss, decoder_loss=decoder_loss, bow_loss=bow_loss,
                               encoder_accuracy=accuracy, encoder_tokens=encoder_tokens, decoder_tokens=decoder_tokens)
+
+    def _encoder_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """The padding mask as the encoder's attention takes it, prepared here when that avoids a sync:
+        for a 2D mask transformers asks the device whether it has padding at all (`mask.all()`, read on
+        the host) to decide whether to drop it. For encoders whose attention is plain bidirectional
+        (PLAIN_BIDIRECTIONAL) under the sdpa or eager kernels, an additive [B, 1, 1, L] mask, which
+        transformers passes through unchanged, is the same computation without that question. Other
+        encoders (ModernBERT's local attention, flash-attention kernels) get the 2D mask as before."""
+        config = self.lm.config
+        if mask is None or mask.dim() != 2 or config.model_type not in PLAIN_BIDIRECTIONAL or \
+                getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+            return mask
+        dtype = self.lm.dtype
+        blocked = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask == 0, torch.finfo(dtype).min)
+        return blocked[:, None, None, :]
 
     def _decode(self, cls_hidden, decoder_input_ids, decoder_attention_mask):
         """The enhanced decoder: queries from the sentence embedding, keys/values from the tokens."""
