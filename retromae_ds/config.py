@@ -68,9 +68,10 @@ class TrainConfig:
     precision: str = _f("auto", "auto = bf16 on GPUs that have it, else fp16 on GPUs, fp32 on CPU",
                         choices=("auto", "bf16", "fp16", "fp32"))
     activation_checkpointing: bool = _f(False, "recompute encoder layers and the decoder in backward (less memory)")
-    compile: bool = _f(False, "torch.compile the encoder's layers and the decoder layer; batches are then padded to "
-                              "--max-seq-len (one shape). The first step compiles (minutes for big models). "
-                              "ZeRO stages 0-2")
+    compile: bool = _f(False, "torch.compile the encoder's layers and the decoder layer (implies --static-shapes). The "
+                              "first step compiles (minutes for big models). ZeRO stages 0-2")
+    static_shapes: bool = _f(False, "pad every batch to --max-seq-len, so that every step has the same tensor shapes "
+                                    "(what --compile needs; otherwise batches are padded to their longest block)")
     max_nonfinite_steps: int = _f(10, "stop after this many consecutive steps with a NaN/inf loss or gradient")
     # --- checkpoints, logging, evaluation ----------------------------------------------------
     output_dir: str = _f("runs/retromae", "checkpoints, metrics.jsonl, TensorBoard events and the exported model")

@@ -12,7 +12,8 @@ variable RETROMAE_TEST_PROBE=DIR set, each rank writes DIR/probe_rank{R}.json at
   checkpointing each layer runs twice per micro-batch (forward + recomputation in backward), without
   it once;
 - blocks: every training block the trainer fetched (token ids), in order;
-- steps: optimizer steps taken in this process.
+- steps: optimizer steps taken in this process;
+- engine.compiled_modules: modules whose calls run through torch.compile (--compile).
 
 RETROMAE_TEST_PROBE_INIT=1 also saves the module's state dict as handed to deepspeed.initialize
 (DIR/init_state.pt, rank 0): the starting weights after --model / --resume loading.
@@ -109,6 +110,7 @@ def _install() -> None:
             "gradient_clipping": float(engine.gradient_clipping()),
             "activation_checkpointing": bool(module.is_gradient_checkpointing),
             "hf_gradient_checkpointing": bool(getattr(module.lm, "is_gradient_checkpointing", False)),
+            "compiled_modules": sum(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules()),
         }
         sigterm_after = int(os.environ.get("RETROMAE_TEST_SIGTERM_AFTER", "0"))
         original_step = engine.step

@@ -153,7 +153,10 @@ class Trainer:
                 raise UserError(f"--compile with ZeRO-3 ({cfg.deepspeed}): ZeRO-3 gathers each layer's parameters in "
                                 f"hooks around its call, which compiled layers do not run through. Use ZeRO-1 or "
                                 f"ZeRO-2 (--deepspeed zero1 / zero2) with --compile, or drop --compile.")
-            model.compile_layers()
+            compiled = model.compile_layers()
+            if dist.is_main:
+                print(f"[retromae-ds] --compile: {compiled} layers compiled with torch.compile; the first step "
+                      f"builds their kernels (minutes for big models), later steps reuse them.", flush=True)
 
         # --- what to resume from: rank 0 decides (and sets damaged checkpoints aside), all follow ----
         resume_from = self._agree_on_resume(out_dir, broadcast_object, all_gather_object)
@@ -183,7 +186,7 @@ class Trainer:
                                decoder_mask_pool=cfg.decoder_mask_pool).to(device)
         sampler = GlobalBatchSampler.for_dataset(data.train, seed=cfg.seed)
         loader = MicroBatchLoader(data.train, masker, pad_id, block_cap, cfg.micro_batch_size, world, dist.rank,
-                                  cfg.grad_accum, pin=device.type == "cuda", static_width=cfg.compile)
+                                  cfg.grad_accum, pin=device.type == "cuda", static_width=cfg.compile or cfg.static_shapes)
         ahead = None  # the next step's micro-batches, loading
 
         step, skipped_total, tokens_seen, rewarm_from = 0, 0, 0, None
