@@ -29,13 +29,16 @@ PRESETS = {
 
 def parse_settings(text: str) -> list[dict]:
     """'z2-bf16,z2-fp16,z3-bf16,z2-bf16-ac' -> [{'stage': 2, 'precision': 'bf16', 'ac': False}, ...].
-    Suffix `bf16grads`: accumulate and reduce gradients in bf16 instead of the trainer's fp32 default
-    (what that default costs)."""
+    Suffixes: `ac` activation checkpointing; `bf16grads`: accumulate and reduce gradients in bf16
+    instead of the trainer's fp32 default (what that default costs); `compile`: torch.compile the layers
+    (--compile); `mbN`: micro-batch N instead of --micro-batch (the batch-size table)."""
     out = []
     for item in text.split(","):
         parts = item.strip().split("-")
+        micro = next((int(p[2:]) for p in parts[2:] if p.startswith("mb") and p[2:].isdigit()), None)
         out.append({"name": item.strip(), "stage": int(parts[0].lstrip("z")), "precision": parts[1],
-                    "ac": "ac" in parts[2:], "low_precision_grads": "bf16grads" in parts[2:]})
+                    "ac": "ac" in parts[2:], "low_precision_grads": "bf16grads" in parts[2:],
+                    "compile": "compile" in parts[2:], "micro_batch": micro})
     return out
 
 
@@ -85,7 +88,10 @@ def main() -> int:
         model = RetroMAEForPretraining(BertForMaskedLM(hf), RetroMAEConfig(objective=args.objective))
         if setting["ac"]:
             model.gradient_checkpointing_enable()
-        cfg = TrainConfig(micro_batch_size=args.micro_batch, lr=1e-4, precision=setting["precision"])
+        if setting["compile"]:
+            model.compile_layers()
+        micro_batch = setting["micro_batch"] or args.micro_batch
+        cfg = TrainConfig(micro_batch_size=micro_batch, lr=1e-4, precision=setting["precision"])
         ds = load_deepspeed_json(f"zero{setting['stage']}")
         ds = resolve_deepspeed_config(ds, cfg, world_size=dist.world_size, precision=setting["precision"])
         if setting["low_precision_grads"]:
@@ -94,25 +100,33 @@ def main() -> int:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds)
         meter = Throughput(model_config=hf, objective=args.objective, device=device, dtype=setting["precision"],
                            world_size=dist.world_size)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         if device.type == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        finite = True
+        finite = torch.ones((), dtype=torch.bool, device=device)
+        t0 = time.perf_counter()
         for step in range(args.warmup + args.steps):
-            blocks = [rng.integers(1000, args.vocab_size, size=args.seq_len - 2) for _ in range(args.micro_batch)]
-            t0 = time.perf_counter()
+            if step == args.warmup:  # the trainer's steady state: the host runs ahead, one sync at the end
+                sync()
+                t0 = time.perf_counter()
+            blocks = [rng.integers(1000, args.vocab_size, size=args.seq_len - 2) for _ in range(micro_batch)]
             tokens, lengths = collate_blocks(blocks, pad_id=0)
-            batch = masker(tokens.to(device), lengths.to(device), mask_rng(0, step, dist.rank, device))
+            plan = masker.plan(tokens.numpy(), lengths.numpy())
+            batch = masker(tokens.to(device), lengths.to(device), mask_rng(0, step, dist.rank, device), plan=plan)
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            finite &= bool(torch.isfinite(loss.detach()).item())  # syncs: the step is done
-            if step >= args.warmup:
-                meter.update(step_time=time.perf_counter() - t0, data_wait=0.0,
-                             tokens=args.micro_batch * args.seq_len * dist.world_size,
-                             samples=args.micro_batch * dist.world_size, seq_len=args.seq_len)
+            finite &= torch.isfinite(loss.detach())
+        sync()
+        elapsed = time.perf_counter() - t0
+        for _ in range(args.steps):
+            meter.update(step_time=elapsed / args.steps, data_wait=0.0,
+                         tokens=micro_batch * args.seq_len * dist.world_size,
+                         samples=micro_batch * dist.world_size, seq_len=args.seq_len)
+        finite = bool(finite)
         summary = meter.summary()
         summary["loss_finite"] = finite
+        summary["micro_batch"] = micro_batch
         summary["final_loss"] = float(loss.detach())
         results["settings"][setting["name"]] = summary
         del engine, model
