@@ -129,6 +129,9 @@ def main() -> int:
         summary["micro_batch"] = micro_batch
         summary["final_loss"] = float(loss.detach())
         results["settings"][setting["name"]] = summary
+        if dist.is_main and args.out:  # written after every setting: a time limit keeps what was measured
+            with open(args.out, "w") as f:
+                f.write(json.dumps(results, indent=1))
         del engine, model
         gc.collect()
         if device.type == "cuda":

@@ -1,50 +1,77 @@
 #!/usr/bin/env bash
-# GPU check (one H100/H200, < 8 minutes). Prints JSON (and writes $OUT/gpu_check.json when OUT is set):
-#  1. step throughput of BERT-base-sized RetroMAE (random init) at L=512 under DeepSpeed:
-#     ZeRO-2 bf16, ZeRO-2 fp16, ZeRO-3 bf16, each with and without activation checkpointing, and ZeRO-2 bf16
-#     with bf16 gradient accumulation/reduction (the cost of the trainer's fp32 default):
-#     tokens/s, TFLOPs, MFU, peak memory, loss finiteness (bench/bench_train.py, one process);
-#  1b. BERT-base shape at L = 8,192 (bf16, ZeRO-2, activation checkpointing): tokens/s, peak memory;
-#  2. the real trainer end to end on the GPU (launch/pretrain.py, fp16 loss scaling, ZeRO-2, NCCL):
-#     SIGUSR1 after the first checkpoint -> save + exit 0 -> the same command resumes and finishes,
-#     evaluates and exports.
+# GPU check (one H100/H200, < 8 minutes; every section has its own time limit). Writes JSON under $OUT:
+#  0. syncs_cuda.json: would-be host-device syncs per training step on CUDA (bench/count_syncs.py: the
+#     dispatcher watch plus torch.cuda.set_sync_debug_mode("warn")); steps without logging must show
+#     none from retromae_ds or transformers, only DeepSpeed's optimizer-step checks;
+#  1. overhead_*.json: the trainer (launch/pretrain.py's loop: prepared data, loader thread, masks on the
+#     device, logging every 10 steps, no eval/saves) vs a bare engine loop over the same batches, BERT-base
+#     random init, bf16: tokens/s, MFU, peak memory, trainer / bare ratio, and a torch.profiler summary
+#     (device busy share, kernel launches and syncs per step) -- at L = 512 (ZeRO-1 and ZeRO-2) and L = 128;
+#  2. gpu_check.json: the step-throughput matrix (bench/bench_train.py: same step, no trainer): ZeRO-1/2/3,
+#     bf16/fp16, activation checkpointing, bf16 gradient accumulation, --compile, and micro-batch 16..128
+#     (the batch-size table), tokens/s, TFLOP/s, MFU, peak memory;
+#  2b. long_context.json: the BERT-base shape at L = 8,192 (bf16, ZeRO-2, activation checkpointing);
+#  3. the real trainer end to end (fp16 loss scaling, ZeRO-2, NCCL): SIGUSR1 after the first checkpoint ->
+#     save + exit 0 -> the same command resumes, finishes, evaluates and exports.
 #   bash bench/gpu_check.sh           # from the repository root; needs deepspeed + transformers
 # Env: MICRO_BATCH (32), SEQ_LEN (512), STEPS (20), TOKENIZER (a BERT WordPiece tokenizer folder)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-MICRO_BATCH="${MICRO_BATCH:-32}"; SEQ_LEN="${SEQ_LEN:-512}"; STEPS="${STEPS:-20}"
+MICRO_BATCH="${MICRO_BATCH:-32}"; SEQ_LEN="${SEQ_LEN:-512}"; STEPS="${STEPS:-10}"
 TOK="${TOKENIZER:-.gpu/tokenizer}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-
-echo "== 1. step throughput matrix" >&2
-python3 bench/bench_train.py --preset bert-base --seq-len "$SEQ_LEN" --micro-batch "$MICRO_BATCH" \
-  --steps "$STEPS" --warmup 3 --settings z2-bf16,z2-bf16-bf16grads,z2-bf16-ac,z2-fp16,z2-fp16-ac,z3-bf16,z3-bf16-ac \
-  --out "$OUT/gpu_check.json" > "$OUT/bench_train.log" 2>&1
-echo "bench_train exit $?" >&2; grep -v "^\[20" "$OUT/bench_train.log" | tail -n 5 >&2
-
-echo "== 1b. long context: BERT-base shape at L = 8,192 (8,192 positions), bf16, activation checkpointing" >&2
-python3 bench/bench_train.py --preset bert-base --seq-len 8192 --micro-batch 1 --steps 5 --warmup 2 \
-  --settings z2-bf16-ac --out "$OUT/long_context.json" > "$OUT/long_context.log" 2>&1
-echo "long context exit $?" >&2
-
-echo "== 2. trainer end to end (fp16, ZeRO-2): signal, resume, eval, export" >&2
-python3 bench/make_synthetic_data.py --tokenizer "$TOK" --output "$OUT/synth/data" --blocks 4096 --seq-len "$SEQ_LEN"
-mkdir -p "$OUT/bert_base"
+python3 bench/make_synthetic_data.py --tokenizer "$TOK" --output "$OUT/synth/data" --blocks 4096 --seq-len 512
+python3 bench/make_synthetic_data.py --tokenizer "$TOK" --output "$OUT/synth128/data" --blocks 8192 --seq-len 128
+mkdir -p "$OUT/bert_base" "$OUT/tiny"
 cat > "$OUT/bert_base/config.json" <<JSON
 {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 768,
  "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
  "type_vocab_size": 2, "pad_token_id": 0}
 JSON
+cat > "$OUT/tiny/config.json" <<JSON
+{"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 64,
+ "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128, "max_position_embeddings": 512,
+ "type_vocab_size": 2, "pad_token_id": 0}
+JSON
+
+echo "== 0. host-device syncs per step on CUDA" >&2
+timeout 60 python3 bench/count_syncs.py -- --data "$OUT/synth128/data" --model-config "$OUT/tiny" --tokenizer "$TOK" \
+  --micro-batch-size 8 --grad-accum 2 --precision bf16 --deepspeed zero2 --save-interval 0 --eval-heldout-docs 0 \
+  --no-export --output-dir "$OUT/syncs_run" > "$OUT/syncs.log" 2>&1
+sed -n '/^{/,$p' "$OUT/syncs.log" > "$OUT/syncs_cuda.json"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('syncs/step without logging', d['by_package_without_logging'])" "$OUT/syncs_cuda.json" >&2
+
+echo "== 1. trainer vs bare loop (BERT-base, bf16)" >&2
+for spec in "zero1 512 32 synth 80" "zero2 512 32 synth 80" "zero1 128 128 synth128 60"; do
+  set -- $spec
+  timeout "$5" python3 bench/bench_overhead.py --data "$OUT/$4/data" --tokenizer "$TOK" --model-config "$OUT/bert_base" \
+    --seq-len "$2" --micro-batch "$3" --precision bf16 --deepspeed "$1" --steps 50 --log-interval 10 \
+    --profile-steps 32-34 --out "$OUT/overhead_$1_L$2.json" > "$OUT/overhead_$1_L$2.log" 2>&1
+  echo "overhead $spec exit $?" >&2
+done
+
+echo "== 2. step throughput matrix + batch sizes" >&2
+timeout 100 python3 bench/bench_train.py --preset bert-base --seq-len "$SEQ_LEN" --micro-batch "$MICRO_BATCH" \
+  --steps "$STEPS" --warmup 3 \
+  --settings z2-bf16,z1-bf16,z1-bf16-mb64,z1-bf16-mb128,z1-bf16-ac-mb128,z2-bf16-bf16grads,z3-bf16,z1-bf16-compile \
+  --out "$OUT/gpu_check.json" > "$OUT/bench_train.log" 2>&1
+echo "bench_train exit $?" >&2; grep -v "^\[20" "$OUT/bench_train.log" | tail -n 5 >&2
+
+echo "== 2b. long context: BERT-base shape at L = 8,192 (8,192 positions), bf16, activation checkpointing" >&2
+timeout 30 python3 bench/bench_train.py --preset bert-base --seq-len 8192 --micro-batch 1 --steps 5 --warmup 2 \
+  --settings z2-bf16-ac --out "$OUT/long_context.json" > "$OUT/long_context.log" 2>&1
+echo "long context exit $?" >&2
+
+echo "== 3. trainer end to end (fp16, ZeRO-2): signal, resume, eval, export" >&2
 RUN=(launch/pretrain.py --deepspeed ds_configs/zero2.json --data "$OUT/synth/data" --model-config "$OUT/bert_base"
-     --tokenizer "$TOK" --micro-batch-size 16 --precision fp16 --max-steps 60 --save-interval 20
+     --tokenizer "$TOK" --micro-batch-size 16 --precision fp16 --max-steps 30 --save-interval 10
      --log-interval 10 --eval-heldout-docs 20 --output-dir "$OUT/run")
-python3 "${RUN[@]}" > "$OUT/trainer1.log" 2>&1 &
+timeout 50 python3 "${RUN[@]}" > "$OUT/trainer1.log" 2>&1 &
 PID=$!
-for _ in $(seq 600); do [ -f "$OUT/run/checkpoints/step_00000020/COMPLETE" ] && break; kill -0 $PID 2>/dev/null || break; sleep 0.5; done
+for _ in $(seq 600); do [ -f "$OUT/run/checkpoints/step_00000010/COMPLETE" ] && break; kill -0 $PID 2>/dev/null || break; sleep 0.5; done
 kill -USR1 $PID 2>/dev/null; wait $PID; RC1=$?
-python3 "${RUN[@]}" > "$OUT/trainer2.log" 2>&1; RC2=$?
+timeout 45 python3 "${RUN[@]}" > "$OUT/trainer2.log" 2>&1; RC2=$?
 grep -v "^\[20" "$OUT/trainer1.log" | tail -n 8 >&2; grep -v "^\[20" "$OUT/trainer2.log" | tail -n 12 >&2
 python3 - "$OUT" "$RC1" "$RC2" <<'PY'
 import json, sys, pathlib
@@ -53,6 +80,12 @@ path = out / "gpu_check.json"
 res = json.loads(path.read_text()) if path.exists() else {"bench_train": "failed, see bench_train.log"}
 long_path = out / "long_context.json"
 res["long_context_8192"] = json.loads(long_path.read_text()) if long_path.exists() else "failed, see long_context.log"
+for name in ("syncs_cuda", "overhead_zero1_L512", "overhead_zero2_L512", "overhead_zero1_L128"):
+    part = out / f"{name}.json"
+    try:
+        res[name] = json.loads(part.read_text())
+    except (OSError, ValueError):
+        res[name] = f"failed, see {name}.log"
 rows = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines() if l.strip()] \
     if (out / "run" / "metrics.jsonl").exists() else []
 train = [r for r in rows if r.get("kind") == "train"]
