@@ -130,12 +130,15 @@ def init_mismatches(results: dict[str, list[dict]], tol: float = 1e-6) -> list[s
     for i in range(min(len(runs) for runs in results.values())):
         for k in EVAL_METRICS:
             values = [results[o][i].get(f"init/{k}") for o in objectives]
-            if None in values:
-                continue
-            if max(values) - min(values) > tol:
-                problems.append(f"seed #{i}: {k} at step 0 differs across objectives: "
-                                + ", ".join(f"{o}={v:.6f}" for o, v in zip(objectives, values)))
+            problems += _disagreement(f"seed #{i}: {k} at step 0", objectives, values, tol)
     return problems
+
+
+def _disagreement(what: str, objectives: list[str], values: list, tol: float) -> list[str]:
+    """[] when the objectives' values agree within tol (or one is missing), else one line naming them."""
+    if None in values or max(values) - min(values) <= tol:
+        return []
+    return [f"{what} differs across objectives: " + ", ".join(f"{o}={v:.6f}" for o, v in zip(objectives, values))]
 
 
 def markdown_table(summary: dict, digits: int = 3) -> str:
@@ -458,11 +461,7 @@ def first_step_loss_mismatches(run_dirs: dict[str, list[Path]], tol: float = 1e-
         for o in objectives:
             train = [r for r in read_records(run_dirs[o][i]) if r.get("kind") == "train"]
             values.append(train[0]["encoder_loss"] if train and train[0]["step"] == 1 else None)
-        if None in values:
-            continue
-        if max(values) - min(values) > tol:
-            problems.append(f"seed #{i}: step-1 encoder loss differs across objectives: "
-                            + ", ".join(f"{o}={v:.6f}" for o, v in zip(objectives, values)))
+        problems += _disagreement(f"seed #{i}: step-1 encoder loss", objectives, values, tol)
     return problems
 
 

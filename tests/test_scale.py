@@ -238,8 +238,13 @@ def test_a_built_wheel_runs_outside_the_checkout(tmp_path):
     """`pip install .` carries the DeepSpeed configs and the SLURM script; `retromae-ds train` finds its
     default config without a clone, and `retromae-ds init` writes editable copies."""
     src = tmp_path / "src"  # build from a copy: a build writes build/ and *.egg-info next to the sources
-    shutil.copytree(R.REPO, src, symlinks=True, ignore=shutil.ignore_patterns(
-        ".git", "runs", "data", "build", "*.egg-info", "__pycache__", ".pytest_cache"))
+    skip_everywhere = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache")
+
+    def ignore(folder, names):  # run outputs at the top only: retromae_ds/data is a package
+        top = {".git", "runs", "data", "build"} & set(names) if Path(folder) == R.REPO else set()
+        return top | set(skip_everywhere(folder, names))
+
+    shutil.copytree(R.REPO, src, symlinks=True, ignore=ignore)
     wheel_dir = tmp_path / "wheel"
     res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                           "-w", str(wheel_dir), str(src)], capture_output=True, text=True)
@@ -256,6 +261,7 @@ def test_a_built_wheel_runs_outside_the_checkout(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     check = ("import retromae_ds, sys; from retromae_ds.config import load_deepspeed_json as l; "
              "assert 'site-packages' in retromae_ds.__file__, retromae_ds.__file__; "
+             "import retromae_ds.data.loader as m; assert 'site-packages' in m.__file__, m.__file__; "
              "assert l('ds_configs/zero2.json')['zero_optimization']['stage'] == 2; "
              "assert l('zero3_offload')['zero_optimization']['offload_optimizer']['device'] == 'cpu'")
     res = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=work, env=env)

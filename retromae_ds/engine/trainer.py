@@ -290,7 +290,6 @@ class Trainer:
         bad_new = torch.zeros((), dtype=torch.int64, device=device)  # NaN/inf steps since the last check
         last_saved = step if resume_from is not None else -1
         exit_code, reason = 0, "finished"
-        sizes = np.minimum(data.train_sizes, block_cap) + 2
         loss_sum = torch.zeros(4, dtype=torch.float64, device=device)  # loss, enc, dec, bow (local sums)
         acc_sum = torch.zeros((), dtype=torch.float64, device=device)
         n_micro = 0
@@ -312,7 +311,7 @@ class Trainer:
                 batch_idx, ready = sampler.next_global_batch(global_batch), ahead
                 # the next step's blocks load on the loader's thread while this step runs on the device
                 ahead = loader.submit(sampler.peek_global_batch(global_batch)) if steps_left() > 0 else None
-                step_tokens = int(sizes[batch_idx].sum())
+                step_tokens = int((np.minimum(data.train_sizes[batch_idx], block_cap) + 2).sum(dtype=np.int64))
                 t_data = time.monotonic()
                 micro_batches = ready.result()
                 data_wait = time.monotonic() - t_data
