@@ -10,16 +10,18 @@ import itertools
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModel, ModernBertConfig, ModernBertForMaskedLM
 from transformers.models.bert.modeling_bert import BertLayer
 
-from retromae_ds.data.masking import continuation_table, tokenizer_family
+from retromae_ds.data.masking import (MaskGenerator, collate_blocks, continuation_table, mask_rng, tokenizer_family,
+                                      word_break_table)
 from retromae_ds.errors import UserError
 from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
 from tests import engine_runs as R
-from tests.test_masking import VOCAB
+from tests.test_masking import VOCAB, _device_word_numbers
 from tests.test_model import decoder_loss_after_training, grads, synthetic_batch, tiny_bert
 
 
@@ -199,8 +201,11 @@ def text_word_starts(tokenizer, text: str) -> tuple[list[int], list[bool]]:
     return enc["input_ids"], starts
 
 
-def table_word_starts(table: torch.Tensor, ids: list[int]) -> list[bool]:
-    return [i == 0 or not bool(table[t]) for i, t in enumerate(ids)]  # the generator: a block's first token starts
+def table_word_starts(table: torch.Tensor, ids: list[int], breaks: torch.Tensor | None = None) -> list[bool]:
+    """The generator's rule: a block's first token starts a word; later ones when their id does not
+    continue or the previous id ended with whitespace."""
+    return [i == 0 or not bool(table[t]) or (breaks is not None and bool(breaks[ids[i - 1]]))
+            for i, t in enumerate(ids)]
 
 
 SPACED = ("The unbelievably quick, brownish fox jumped over 12 lazy dogs in Zürich; Anthropomorphization isn't "
@@ -217,13 +222,32 @@ def test_continuation_table_is_right_for_space_separated_words(modernbert_style_
     assert not table[tokenizer.all_special_ids].any()
 
 
-@pytest.mark.xfail(strict=True, reason="retromae_ds/data/masking.py judges byte-level pieces one at a time: a "
-                                       "line break (Ċ) and the word after it carry no Ġ, so both count as "
-                                       "continuations of the word before the break")
-def test_continuation_table_starts_a_word_after_a_line_break(modernbert_style_tokenizer):
-    text = "The history of the alphabet.\nHistory\nThe Egyptian script came first."
-    ids, starts = text_word_starts(modernbert_style_tokenizer, text)
-    assert table_word_starts(continuation_table(modernbert_style_tokenizer), ids) == starts
+def test_word_starts_after_a_line_break(modernbert_style_tokenizer):
+    """A line break (Ċ) starts a word, and so does the word after it, which carries no Ġ: the
+    continuation table alone would join it to the word before the break; the word-break table
+    (the previous piece ends with whitespace) separates them, in the table rule and in the generator."""
+    tok = modernbert_style_tokenizer
+    text = "The history of the alphabet.\nHistory\nThe Egyptian script came first.\n\n  Two  spaces\ttab."
+    ids, starts = text_word_starts(tok, text)
+    table, breaks = continuation_table(tok), word_break_table(tok)
+    assert table_word_starts(table, ids) != starts                       # the old per-piece rule is wrong here
+    assert table_word_starts(table, ids, breaks) == starts
+    gen = MaskGenerator(table, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id, len(tok),
+                        tok.all_special_ids, word_breaks=breaks)
+    tokens, lengths = collate_blocks([np.array(ids)], tok.pad_token_id)
+    plan = gen.plan(tokens.numpy(), lengths.numpy())
+    begin = [i for i, s in enumerate(starts) if s] + [len(ids)]
+    words = (sum(starts), max(b - a for a, b in zip(begin, begin[1:])))      # (word count, longest word)
+    assert (plan.n_words, plan.longest) == words                             # the host plan
+    assert _device_word_numbers(gen, tokens, lengths) == words               # the generator on the device
+    for sync_free in (False, True):
+        gen.sync_free = sync_free
+        for step in range(20):                                           # whole words: masked runs follow `starts`
+            out = gen(tokens, lengths, mask_rng(0, step, 0, "cpu"), plan=plan if sync_free else None)
+            masked = (out["encoder_labels"][0, 1:len(ids) + 1] != -100).tolist()
+            for i in range(1, len(ids)):
+                if not starts[i]:
+                    assert masked[i] == masked[i - 1], (step, i)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -110,16 +110,22 @@ def tokenizer_family(tokenizer) -> str:
     return family if count > 0 else WORD_LEVEL
 
 
+# Byte-level BPE writes the whitespace bytes tab, line feed, vertical tab, form feed, carriage return and
+# space as the characters 256 + byte (GPT-2's byte-to-unicode table): ĉ Ċ ċ Č č and Ġ.
+BYTE_LEVEL_WHITESPACE = frozenset(chr(256 + b) for b in (9, 10, 11, 12, 13, 32))
+
+
 def continuation_table(tokenizer) -> torch.Tensor:
-    """BoolTensor [len(tokenizer)]: True where the id continues the word begun by the previous id.
+    """BoolTensor [len(tokenizer)]: True where the id continues the word begun by the previous id
+    (unless `word_break_table` says the previous id ended with whitespace).
 
     Rules per family (detected from the vocabulary by `tokenizer_family`):
     - WordPiece (BERT): a piece starting with ``##`` continues; everything else starts a word.
     - SentencePiece (XLM-R, T5, ...): a piece starting with ``▁`` (U+2581, "a space was here")
       starts a word; a piece WITHOUT it continues (so ``▁hello`` ``,`` is one word).
-    - Byte-level BPE (RoBERTa, GPT-2): a piece starting with ``Ġ`` (the byte-level space) starts a
-      word; a piece WITHOUT it continues (the first word of a text has no ``Ġ``; the generator
-      always treats a block's first token as a word start).
+    - Byte-level BPE (RoBERTa, GPT-2, ModernBERT): a piece starting with a whitespace byte (``Ġ``
+      the space, ``Ċ`` a line break, ...) starts a word; a piece WITHOUT one continues (the first word
+      of a text has none; the generator always treats a block's first token as a word start).
     - Word-level vocabularies (none of the above): every id starts a word.
     Special and added tokens always count as word starts (they are never masked anyway).
     """
@@ -136,11 +142,26 @@ def continuation_table(tokenizer) -> torch.Tensor:
         elif family == SENTENCEPIECE:
             table[i] = not piece.startswith("\u2581")
         else:
-            table[i] = not piece.startswith("\u0120")
+            table[i] = piece[0] not in BYTE_LEVEL_WHITESPACE
     never = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
     for i in never:
         if 0 <= i < len(table):
             table[i] = False
+    return table
+
+
+def word_break_table(tokenizer) -> torch.Tensor:
+    """BoolTensor [len(tokenizer)]: True where the id ENDS with whitespace, so the next id starts a word
+    whatever its own form. Only byte-level BPE has such pieces: after a line break the next word carries
+    no ``Ġ`` (``.Ċ`` then ``History``), and judged alone it would continue the word before the break.
+    All False for the other families (their pieces never end in whitespace)."""
+    pieces = _pieces(tokenizer)
+    table = torch.zeros(len(pieces), dtype=torch.bool)
+    if tokenizer_family(tokenizer) != BYTE_LEVEL_BPE:
+        return table
+    never = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for i, piece in enumerate(pieces):
+        table[i] = bool(piece) and piece[-1] in BYTE_LEVEL_WHITESPACE and i not in never
     return table
 
 
@@ -182,7 +203,11 @@ class MaskGenerator:
 
     def __init__(self, continuation: torch.Tensor, cls_id: int, sep_id: int, pad_id: int, mask_id: int,
                  vocab_size: int, special_ids: Sequence[int], encoder_mask_ratio: float = 0.3,
-                 decoder_mask_ratio: float = 0.5, decoder_mask_pool: int = 128) -> None:
+                 decoder_mask_ratio: float = 0.5, decoder_mask_pool: int = 128,
+                 word_breaks: torch.Tensor | None = None) -> None:
+        """`continuation` and `word_breaks` (optional, all False when omitted): the tokenizer's
+        `continuation_table` and `word_break_table`; a token continues the previous token's word when
+        its id continues and the previous id does not end with whitespace."""
         named = {"cls_token": cls_id, "sep_token": sep_id, "pad_token": pad_id, "mask_token": mask_id}
         missing = [name for name, value in named.items() if value is None]
         if missing:
@@ -200,7 +225,11 @@ class MaskGenerator:
             raise UserError(f"decoder_mask_pool = {decoder_mask_pool!r}: must be an integer >= 0 (whole-word draws "
                             f"per sample for the decoder rows to pick from; 0 = one draw per row).")
         self.continuation = continuation.to(torch.bool)
+        self.word_breaks = (torch.zeros_like(self.continuation) if word_breaks is None else word_breaks.to(torch.bool))
+        if self.word_breaks.shape != self.continuation.shape:
+            raise ValueError(f"word_breaks has {len(self.word_breaks)} entries, continuation {len(self.continuation)}")
         self._host_continuation = self.continuation.cpu().numpy()  # for plan(), which runs on the host
+        self._host_word_breaks = self.word_breaks.cpu().numpy()
         self.cls_id, self.sep_id, self.pad_id, self.mask_id = int(cls_id), int(sep_id), int(pad_id), int(mask_id)
         self.encoder_mask_ratio = float(encoder_mask_ratio)
         self.decoder_mask_ratio = float(decoder_mask_ratio)
@@ -211,6 +240,7 @@ class MaskGenerator:
 
     def to(self, device) -> "MaskGenerator":
         self.continuation = self.continuation.to(device)
+        self.word_breaks = self.word_breaks.to(device)
         self.replacement_ids = self.replacement_ids.to(device)
         return self
 
@@ -222,8 +252,10 @@ class MaskGenerator:
         lengths = np.asarray(lengths, dtype=np.int64)
         batch, width = tokens.shape
         real = np.arange(width)[None, :] < lengths[:, None]
-        table = self._host_continuation
-        continues = table[np.clip(tokens, 0, len(table) - 1)] & real
+        table, breaks = self._host_continuation, self._host_word_breaks
+        clipped = np.clip(tokens, 0, len(table) - 1)
+        continues = table[clipped] & real
+        continues[:, 1:] &= ~breaks[clipped[:, :-1]]           # the previous token ended with whitespace
         continues[:, 0] = False                                # a block's first token always starts a word
         starts = real & ~continues
         n_words = int(starts.sum(1).max()) if batch else 0
@@ -254,7 +286,9 @@ class MaskGenerator:
         ids.scatter_(1, (lengths + 1)[:, None], self.sep_id)
 
         # word structure: a word starts at every real token that does not continue the previous one
-        continues = self.continuation[ids.clamp(0, len(self.continuation) - 1)] & real & (pos >= 2)
+        known = ids.clamp(0, len(self.continuation) - 1)
+        continues = self.continuation[known] & real & (pos >= 2)
+        continues[:, 1:] &= ~self.word_breaks[known[:, :-1]]                   # ... and the previous did not end a word
         starts = real & ~continues
         word_of = (starts.cumsum(1) - 1).clamp(min=0)                           # word index per position
         word_len = torch.zeros(batch, seq_len, dtype=torch.int32, device=device)  # trimmed to n_words below

@@ -115,7 +115,7 @@ class Trainer:
         import torch
 
         from retromae_ds.data.loader import MicroBatchLoader
-        from retromae_ds.data.masking import MaskGenerator, continuation_table, mask_rng
+        from retromae_ds.data.masking import MaskGenerator, continuation_table, mask_rng, word_break_table
         from retromae_ds.data.sampler import GlobalBatchSampler
         from retromae_ds.engine import checkpoint as ckpt
         from retromae_ds.engine.build import (build_model, count_params, load_data, load_tokenizer, param_groups,
@@ -183,7 +183,8 @@ class Trainer:
                                vocab_size=len(tokenizer), special_ids=list(tokenizer.all_special_ids),
                                encoder_mask_ratio=cfg.encoder_mask_ratio,
                                decoder_mask_ratio=cfg.decoder_mask_ratio,
-                               decoder_mask_pool=cfg.decoder_mask_pool).to(device)
+                               decoder_mask_pool=cfg.decoder_mask_pool,
+                               word_breaks=word_break_table(tokenizer)).to(device)
         sampler = GlobalBatchSampler.for_dataset(data.train, seed=cfg.seed)
         loader = MicroBatchLoader(data.train, masker, pad_id, block_cap, cfg.micro_batch_size, world, dist.rank,
                                   cfg.grad_accum, pin=device.type == "cuda", static_width=cfg.compile or cfg.static_shapes)
