@@ -133,11 +133,15 @@ def all_reduce_max(values, device) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_sum(values: list[float], device) -> list[float]:
+def all_reduce_sum(values, device) -> list[float]:
+    """Sums across ranks; `values` a list or a tensor (a device tensor is reduced in place: one read)."""
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
+    if isinstance(values, torch.Tensor):
+        t = values.to(device)
+    else:
+        t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()

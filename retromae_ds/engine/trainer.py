@@ -365,7 +365,7 @@ class Trainer:
                 profiler.after_step(step)
 
                 if step % cfg.log_interval == 0 or finished:
-                    sums = all_reduce_sum(loss_sum.tolist() + [float(acc_sum), float(n_micro)], device)
+                    sums = all_reduce_sum(torch.cat([loss_sum, acc_sum[None], loss_sum.new_tensor([n_micro])]), device)
                     count = max(1.0, sums[-1])
                     metrics = {"loss": sums[0] / count, "encoder_loss": sums[1] / count,
                                "decoder_loss": sums[2] / count, "encoder_accuracy": sums[4] / count,
