@@ -69,6 +69,14 @@ def test_time_budget_parsing():
     assert C.parse_time_budget("1d2h3m4s") == ((24 + 2) * 60 + 3) * 60 + 4
 
 
+def test_profile_steps_parsing():
+    assert C.parse_profile_steps("") is None
+    assert C.parse_profile_steps("20-25") == (20, 25) and C.parse_profile_steps(" 7 ") == (7, 7)
+    for bad in ("0-3", "5-2", "a-b", "3-"):
+        with pytest.raises(UserError, match="--profile-steps"):
+            parse("--profile-steps", bad)
+
+
 def test_auto_fields_are_filled():
     cfg = parse("--micro-batch-size", "4", "--grad-accum", "3", "--lr", "2e-4", "--clip", "0.5")
     ds = C.resolve_deepspeed_config(ds_json(), cfg, world_size=2, precision="fp32")
