@@ -143,11 +143,15 @@ def continuation_table(tokenizer) -> torch.Tensor:
             table[i] = not piece.startswith("\u2581")
         else:
             table[i] = piece[0] not in BYTE_LEVEL_WHITESPACE
-    never = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
-    for i in never:
+    for i in _whole_tokens(tokenizer):
         if 0 <= i < len(table):
             table[i] = False
     return table
+
+
+def _whole_tokens(tokenizer) -> set[int]:
+    """Special and added tokens: always word starts, never joined to a neighbour."""
+    return set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
 
 
 def word_break_table(tokenizer) -> torch.Tensor:
@@ -159,7 +163,7 @@ def word_break_table(tokenizer) -> torch.Tensor:
     table = torch.zeros(len(pieces), dtype=torch.bool)
     if tokenizer_family(tokenizer) != BYTE_LEVEL_BPE:
         return table
-    never = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    never = _whole_tokens(tokenizer)
     for i, piece in enumerate(pieces):
         table[i] = bool(piece) and piece[-1] in BYTE_LEVEL_WHITESPACE and i not in never
     return table
