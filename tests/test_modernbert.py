@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import traceback
 
 import numpy as np
 import pytest
@@ -19,8 +21,10 @@ from transformers.models.bert.modeling_bert import BertLayer
 from retromae_ds.data.masking import (MaskGenerator, collate_blocks, continuation_table, mask_rng, tokenizer_family,
                                       word_break_table)
 from retromae_ds.errors import UserError
+from retromae_ds.model.positions import RotaryEmbedding, rope_settings
 from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
 from tests import engine_runs as R
+from tests.sync_watch import TORCH_DIR, SyncWatch
 from tests.test_masking import VOCAB, _device_word_numbers
 from tests.test_model import decoder_loss_after_training, grads, synthetic_batch, tiny_bert
 
@@ -98,6 +102,64 @@ def test_decoder_rotates_with_the_encoders_rotary_settings():
     assert torch.allclose(rotary(q), want_q, atol=1e-5) and torch.allclose(rotary(k), want_k, atol=1e-5)
     cos_local, _ = model.lm.model.rotary_emb(q, torch.arange(40)[None], "sliding_attention")
     assert not torch.allclose(cos, cos_local)  # the two settings differ, so the check above means something
+
+
+class CopyWatch(SyncWatch):
+    """SyncWatch plus every copy between two devices, host to device included: on a GPU a copy from
+    pageable host memory blocks the host as a sync does."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name, kwargs = func._schema.name, kwargs or {}
+        if name == "aten::_to_copy" and kwargs.get("device") is not None:
+            source, target = args[0].device.type, torch.device(kwargs["device"]).type
+        elif name == "aten::copy_":
+            source, target = args[1].device.type, args[0].device.type
+        else:
+            source = target = None
+        if source != target:
+            frame = next(f for f in reversed(traceback.extract_stack()) if f.name != "__torch_dispatch__"
+                         and not os.path.abspath(f.filename).startswith(TORCH_DIR))
+            self.records.append({"window": self.window, "op": f"{name} ({source} to {target})", "package": "",
+                                 "where": f"{os.path.basename(frame.filename)}:{frame.lineno} {frame.name}"})
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+def test_rotary_tables_need_no_copy_once_on_the_device():
+    """Issue 18 item 9: the inverse frequencies move with the model, so the decoder's cos/sin tables
+    are built on the device without a host-to-device copy, for any mix of batch lengths (varying
+    lengths used to copy them from the host on every step). "meta" stands in for the GPU."""
+    model = RetroMAEForPretraining(tiny_modernbert()).to("meta")
+    rotary = model.c_head.attention.self.rotary
+    meta = torch.device("meta")
+    with CopyWatch() as watch:
+        for length in (7, 19, 7, 33, 19, 7, 1, 33):
+            cos, sin = rotary.cos_sin(length, meta)
+            assert cos.shape == sin.shape == (length, 8) and cos.device == sin.device == meta
+            assert cos.dtype == sin.dtype == torch.float32
+            assert rotary(torch.empty(2, 4, length, 8, device=meta)).device == meta
+    assert not watch.records, watch.summary()
+    assert rotary.inv_freq.device == meta and rotary.inv_freq.dtype == torch.float32
+
+
+def test_rotary_tables_are_the_original_formula_for_every_length():
+    """Bit-identical to the tables before issue 18 (fp32 inverse frequencies times fp32 positions),
+    for lengths in any order, also after the model is cast to bf16, and equal to a fresh module's;
+    the frequencies add nothing to the state dict."""
+    config = modernbert_config(hidden_size=64, num_attention_heads=2)
+    model = RetroMAEForPretraining(ModernBertForMaskedLM(config)).to(torch.bfloat16)
+    rotary = model.c_head.attention.self.rotary
+    assert rotary.inv_freq.dtype == torch.float32  # a bf16 cast would be tens of radians off at 8k
+    assert not rotary.state_dict()
+    theta, head_dim = rope_settings(config)["rope_theta"], 32
+    inv_freq = (1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)).float()
+    cpu = torch.device("cpu")
+    for length in (5, 40, 5, 1, 64, 17, 40, 3):
+        angles = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq[None]
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = rotary.cos_sin(length, cpu)
+        assert torch.equal(cos, angles.cos() * 1.0) and torch.equal(sin, angles.sin() * 1.0), length
+        fresh_cos, fresh_sin = RotaryEmbedding(head_dim, inv_freq).cos_sin(length, cpu)
+        assert torch.allclose(cos, fresh_cos, atol=1e-6) and torch.allclose(sin, fresh_sin, atol=1e-6), length
 
 
 def test_modernbert_decoder_uses_positions():

@@ -64,9 +64,12 @@ class RotaryEmbedding(nn.Module):
     ZeRO-3 see nothing new), no length limit to outgrow (8k contexts work as they are), and the
     same relative-position geometry (theta, scaling) as the encoder the decoder reads from.
 
-    The inverse frequencies are a plain fp32 attribute, not a buffer: DeepSpeed's bf16/fp16 casts
-    would otherwise round them, and at position 8,000 a 0.4% frequency error is tens of radians.
-    Holds no parameters or buffers, so it adds nothing to the state dict.
+    The inverse frequencies are a buffer, so they move with the module (`.to(device)`, DeepSpeed) and
+    the cos/sin tables are built on the device without a blocking host-to-device copy (issue 18: one per
+    step when batch lengths vary). The buffer holds their fp32 bits as int32, because no dtype cast
+    touches an integer tensor: `.to(bf16)` or DeepSpeed's buffer_dtype would otherwise round them, and
+    at position 8,000 a 0.4% frequency error is tens of radians. It is non-persistent, so the state dict
+    (checkpoint keys) holds nothing of this module; ZeRO-3 partitions parameters, never buffers.
     """
 
     def __init__(self, head_dim: int, inv_freq: torch.Tensor, scaling: float = 1.0) -> None:
@@ -75,9 +78,10 @@ class RotaryEmbedding(nn.Module):
             raise UserError(f"rotary settings give {inv_freq.numel() * 2} rotated dimensions for attention heads of "
                             f"{head_dim}; partial rotary embeddings are not supported by the RetroMAE decoder.")
         self.head_dim = head_dim
-        self.inv_freq = inv_freq.detach().float().cpu()
+        self.register_buffer("inv_freq_bits", inv_freq.detach().float().contiguous().view(torch.int32),
+                             persistent=False)
         self.scaling = float(scaling)
-        self._cache: dict = {}
+        self._tables: dict = {}  # device -> (cos, sin) for the longest length seen there
 
     @classmethod
     def from_config(cls, config, head_dim: int) -> "RotaryEmbedding":
@@ -102,14 +106,24 @@ class RotaryEmbedding(nn.Module):
         inv_freq, scaling = init(config, None, **({"layer_type": layer_type} if layer_type else {}))
         return cls(head_dim, inv_freq, scaling)
 
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        """The fp32 inverse frequencies [head_dim / 2] (a view of the buffer's bits: no copy)."""
+        return self.inv_freq_bits.view(torch.float32)
+
     def cos_sin(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 [L, head_dim] tables, cached per (length, device)."""
-        key = (length, str(device))
-        if key not in self._cache:
-            angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * self.inv_freq.to(device)[None]
+        """fp32 [L, head_dim] tables (fp32 whatever the module's dtype). Built once per device for the
+        longest length seen there and sliced: rows don't depend on the length, so batches of varying
+        length neither rebuild them nor copy between host and device."""
+        device = torch.device(device)
+        tables = self._tables.get(device)
+        if tables is None or tables[0].shape[0] < length:
+            inv_freq = self.inv_freq.to(device)  # a no-op once the module is on `device`
+            angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * inv_freq[None]
             angles = torch.cat([angles, angles], dim=-1)
-            self._cache = {key: (angles.cos() * self.scaling, angles.sin() * self.scaling)}
-        return self._cache[key]
+            tables = self._tables[device] = (angles.cos() * self.scaling, angles.sin() * self.scaling)
+        cos, sin = tables
+        return cos[:length], sin[:length]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Rotate x [B, heads, L, head_dim] by its positions (first half / second half pairing)."""
