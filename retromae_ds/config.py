@@ -90,6 +90,16 @@ class TrainConfig:
     peak_tflops: float = _f(0.0, "peak device TFLOPs for MFU (0 = look up the device type)")
     # --- DeepSpeed ----------------------------------------------------------------------------
     deepspeed: str = _f("ds_configs/zero2.json", "DeepSpeed JSON; its \"auto\" fields are filled from this config")
+    # Why 60m: rank 0 alone reads whole checkpoints while every other rank waits in a collective, at most
+    # twice in one wait (export: full checksum verification, then consolidation of the fp32 weights; a
+    # resume verifies and consolidates with a collective between the two). Largest checkpoint we plan
+    # for: XLM-R XL, 3.5e9 parameters x 16 bytes (fp32 weights + fp32 master + Adam m and v) = 56 GB.
+    # Read twice at a conservative 50 MB/s from a busy shared filesystem: 112 GB / 50 MB/s = 2,240 s
+    # (37 min); xxh3 hashing at ~9 GB/s adds 12 s. 60 min leaves ~1.6x headroom (XLM-R large, 9 GB:
+    # 6 min). DeepSpeed's 10-minute default covers 15 GB at that rate. The cost: a rank that hangs, or
+    # dies without its launcher stopping the others, is reported only after this long.
+    dist_timeout: str = _f("60m", "how long a collective waits for the slowest rank before the job fails, e.g. 60m, "
+                                  "2h, 3600 (seconds); covers rank 0 reading a 56 GB checkpoint twice at 50 MB/s")
     # Test hook, hidden from --help: make the loss non-finite at these steps.
     inject_nonfinite_steps: list = _f([], argparse.SUPPRESS)
     # ... only in this micro-batch of those steps (-1 = every micro-batch).
@@ -218,6 +228,7 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.is_demo or cfg.data, "--data is required when --model/--model-config is given (prepare it with `retromae-ds prepare`).")
     need(cfg.is_demo or cfg.model or cfg.model_config, "--model (or --model-config + --tokenizer) is required with --data.")
     parse_time_budget(cfg.time_budget)
+    parse_dist_timeout(cfg.dist_timeout)
     parse_profile_steps(cfg.profile_steps)
 
 
@@ -233,18 +244,35 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
     return first, last
 
 
-def parse_time_budget(text: str) -> float | None:
-    """'' -> None; '3600' -> 3600 s; '90m', '1h30m', '2d' -> seconds."""
-    if not text:
-        return None
+def _duration_seconds(text: str) -> float | None:
+    """'3600' -> 3600.0; '90m', '1h30m', '2d' -> seconds; anything else -> None."""
     text = str(text).strip()
     if re.fullmatch(r"\d+(\.\d+)?", text):
         return float(text)
     m = re.fullmatch(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text)
     if not m or not any(m.groups()):
-        raise UserError(f"--time-budget {text!r}: use seconds (3600) or a duration like 90m, 23h30m, 2d.")
+        return None
     d, h, mi, s = (int(g or 0) for g in m.groups())
     return float(((d * 24 + h) * 60 + mi) * 60 + s)
+
+
+def parse_time_budget(text: str) -> float | None:
+    """'' -> None; '3600' -> 3600 s; '90m', '1h30m', '2d' -> seconds."""
+    if not text:
+        return None
+    seconds = _duration_seconds(text)
+    if seconds is None:
+        raise UserError(f"--time-budget {str(text).strip()!r}: use seconds (3600) or a duration like 90m, 23h30m, 2d.")
+    return seconds
+
+
+def parse_dist_timeout(text: str) -> float:
+    """--dist-timeout in seconds ('60m' -> 3600.0; a bare number is seconds); must be > 0."""
+    seconds = _duration_seconds(text)
+    if seconds is None or seconds <= 0:
+        raise UserError(f"--dist-timeout {str(text).strip()!r}: give how long a collective may wait, > 0, in "
+                        f"seconds (3600) or as a duration like 60m, 2h, 1h30m.")
+    return seconds
 
 
 # ------------------------------------------------------------------------------------------------

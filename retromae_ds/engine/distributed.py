@@ -7,6 +7,7 @@ environment variables first, then let DeepSpeed pick the backend (NCCL on GPUs, 
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -50,7 +51,19 @@ def normalise_env(local_rank_arg: int | None = None) -> None:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
 
 
-def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
+# Where the node-wide task index goes when LOCAL_RANK is rewritten to the device index (see below).
+NODE_LOCAL_RANK_ENV = "RETROMAE_NODE_LOCAL_RANK"
+
+
+def init_distributed(local_rank_arg: int | None = None,
+                     timeout: datetime.timedelta | float | None = None) -> DistInfo:
+    """Start the process group and bind this rank to its accelerator.
+
+    `timeout`: how long any collective may wait (a timedelta, or seconds); None keeps DeepSpeed's default
+    (10 minutes, or DEEPSPEED_TIMEOUT). The trainer passes --dist-timeout: rank 0 alone reads whole
+    checkpoints (verification, consolidation, export) while the other ranks wait in a collective.
+    Once per process: on accelerators it rewrites LOCAL_RANK to the device index (see
+    `_point_local_rank_at_device`)."""
     normalise_env(local_rank_arg)
     import deepspeed
     import torch
@@ -61,7 +74,7 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
         local_world = max(1, int(os.environ["WORLD_SIZE"]) // max(1, int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1)))
     accel = get_accelerator()
     device_type = accel.device_name()
-    local_rank = int(os.environ["LOCAL_RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])  # node-wide task index (DistInfo.local_rank)
     if device_type == "cpu":
         # The deepspeed launcher does not set OMP_NUM_THREADS: N ranks x all cores thrash.
         if "OMP_NUM_THREADS" not in os.environ:
@@ -71,12 +84,41 @@ def init_distributed(local_rank_arg: int | None = None) -> DistInfo:
         index = device_index(local_rank, accel.device_count())
         accel.set_device(index)
         device = torch.device(accel.device_name(index))
+        _point_local_rank_at_device(local_rank, index)
     quiet_libraries()
-    deepspeed.init_distributed(dist_init_required=True, verbose=False)
+    kwargs = {}
+    if timeout is not None:
+        kwargs["timeout"] = timeout if isinstance(timeout, datetime.timedelta) else datetime.timedelta(seconds=float(timeout))
+    deepspeed.init_distributed(dist_init_required=True, verbose=False, **kwargs)
     import torch.distributed as dist
 
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     local_world_size=local_world, device=device, device_type=device_type)
+
+
+def _point_local_rank_at_device(node_rank: int, index: int) -> None:
+    """Make LOCAL_RANK the device index we chose, because DeepSpeed reads it again for the device.
+
+    DeepSpeed 0.19.8 takes the device from the LOCAL_RANK variable, not from the current device:
+    - deepspeed/comm/torch.py:280-281 (TorchBackend.init_process_group, CUDA, world > 1):
+      `device_id=get_accelerator().device(int(os.environ.get('LOCAL_RANK', 0)))` for init_process_group;
+    - deepspeed/runtime/engine.py:1966 (`_configure_with_arguments`): `self.local_rank =
+      int(os.environ['LOCAL_RANK'])`, then engine.py:1941-1944 (`_set_distributed_vars`):
+      `set_device(self.local_rank)` and `self.device` from it;
+    - deepspeed/runtime/zero/partition_parameters.py:1138 and zero/utils.py:85,105 (ZeRO-3) build
+      `device_name(os.environ["LOCAL_RANK"])`.
+    With one visible GPU per task (srun --gpus-per-task=1) every one of these is "invalid device ordinal"
+    on local ranks 1-7, so the variable must hold the index of a device this process can see. The
+    `--local_rank` argument of the deepspeed launcher does not matter to DeepSpeed here: it is read from
+    `args` only (engine.py:1941 `args.device_rank`, 1976-1983 a check against LOCAL_RANK), and we call
+    deepspeed.initialize without `args`. Under mpirun, engine.py:1959-1964 asserts LOCAL_RANK ==
+    OMPI_COMM_WORLD_LOCAL_RANK, so that one follows. The node-wide index stays in DistInfo.local_rank and
+    in RETROMAE_NODE_LOCAL_RANK. (DeepSpeed's `use_node_local_storage` and ZeRO-3
+    `pipeline_loading_checkpoint` treat LOCAL_RANK as node-wide; our configs use neither.)"""
+    os.environ[NODE_LOCAL_RANK_ENV] = str(node_rank)
+    os.environ["LOCAL_RANK"] = str(index)
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        os.environ["OMPI_COMM_WORLD_LOCAL_RANK"] = str(index)
 
 
 def device_index(local_rank: int, device_count: int) -> int:
