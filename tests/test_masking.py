@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from retromae_ds.data.masking import (BYTE_LEVEL_BPE, SENTENCEPIECE, WORD_LEVEL, WORDPIECE, MaskGenerator,
-                                      collate_blocks, continuation_table, draw_whole_words, mask_rng,
-                                      tokenizer_family)
+from retromae_ds.data.masking import (BYTE_LEVEL_BPE, MAX_WORD_TOKENS, SENTENCEPIECE, WORD_LEVEL, WORDPIECE,
+                                      MaskGenerator, collate_blocks, continuation_table, draw_whole_words, mask_rng,
+                                      tokenizer_family, word_break_table)
 from tests.conftest import lee_articles
 from tests.masking_reference import reference_draw, reference_masks, reference_words  # noqa: F401 (re-export)
 
@@ -515,9 +515,9 @@ def test_invalid_pool_is_a_user_error(bad):
         pool_generator(bad)
 
 
-def _device_word_numbers(gen: MaskGenerator, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[int, int]:
-    """(most words in a sample, longest word) as the generator finds them on the device, by its own
-    word-structure code path: a call without a plan, with draw_whole_words recording its inputs."""
+def _device_word_lengths(gen: MaskGenerator, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """The word lengths [B, words] the generator finds on the device, by its own word-structure code
+    path: a call without a plan, with draw_whole_words recording its inputs (the encoder's draw)."""
     import retromae_ds.data.masking as masking
 
     seen = []
@@ -532,7 +532,12 @@ def _device_word_numbers(gen: MaskGenerator, tokens: torch.Tensor, lengths: torc
         gen(tokens, lengths, mask_rng(0, 0, 0, "cpu"))
     finally:
         masking.draw_whole_words = original
-    word_len = seen[0]                                          # the encoder's draw: one row per sample
+    return seen[0]                                              # the encoder's draw: one row per sample
+
+
+def _device_word_numbers(gen: MaskGenerator, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[int, int]:
+    """(most words in a sample, longest word) as the generator finds them on the device."""
+    word_len = _device_word_lengths(gen, tokens, lengths)
     return int((word_len > 0).sum(1).max()), int(word_len.max())
 
 
@@ -543,9 +548,12 @@ def test_host_plan_gives_the_same_batch_without_syncs(minilm_batch, pool):
     give the same six tensors; only the encoder mask becomes None when no sample is padded."""
     gen, tokens, lengths, _ = minilm_batch
     rng = random.Random(8)
-    cases = [(gen, tokens, lengths)]
+    capped = copy.copy(gen)
+    capped.max_word_tokens = 2                                # cuts many of the real text's words
+    cases = [(gen, tokens, lengths), (capped, tokens, lengths)]
     synthetic = pool_generator(pool)
-    for words in ([1, 6, 1, 1, 2, 1, 1], [12] + [1] * 30, [1] * 3, [2, 3, 1, 9, 1, 1, 4] * 4):
+    for words in ([1, 6, 1, 1, 2, 1, 1], [12] + [1] * 30, [1] * 3, [2, 3, 1, 9, 1, 1, 4] * 4,
+                  [400] + [1] * 5, [9, 8, 17, 1, 16]):                 # runs cut into pieces of MAX_WORD_TOKENS
         blocks = [np.array(synthetic_block(words, rng)), np.array(synthetic_block(words[::-1] + [1, 2], rng))]
         cases.append((synthetic, *collate_blocks(blocks, 0)))
     full = [np.array(synthetic_block([1, 2, 3, 1, 1], rng)) for _ in range(3)]   # 8 tokens + 2: no padding
@@ -555,6 +563,7 @@ def test_host_plan_gives_the_same_batch_without_syncs(minilm_batch, pool):
     for masker, tok, lens in cases:
         plan = masker.plan(tok.numpy(), lens.numpy())
         assert (plan.n_words, plan.longest) == _device_word_numbers(masker, tok, lens)
+        assert plan.longest <= masker.max_word_tokens          # the sync-free draw's rounds stay few
         assert plan.padded == bool((lens < tok.shape[1]).any())
         for sync_free in (False, True):
             masker.sync_free = sync_free
@@ -584,3 +593,79 @@ def test_label_capacity_is_the_budget_of_full_width_samples():
     out = gen(tokens, lengths, mask_rng(1, 1, 0, "cpu"), plan=plan)
     assert plan.encoder_label_capacity == 4 * round(64 * 0.3)
     assert int((out["encoder_labels"] != -100).sum()) == plan.encoder_label_capacity
+
+
+# --------------------------------------------------------------------------------------------------
+# unspaced scripts: a run without spaces (Chinese, Japanese, Thai) is cut into words of MAX_WORD_TOKENS
+
+
+def test_long_words_are_cut_into_pieces_from_their_start():
+    """A word of more than MAX_WORD_TOKENS tokens becomes words of MAX_WORD_TOKENS from its start, then the rest."""
+    rng = random.Random(12)
+    blocks = [np.array(synthetic_block([20, 1, 9, 8, 3], rng)), np.array(synthetic_block([2, 17], rng))]
+    tokens, lengths = collate_blocks(blocks, 0)
+    gen = synthetic_generator()
+    assert MAX_WORD_TOKENS == 8
+    assert _device_word_lengths(gen, tokens, lengths).tolist() == [[8, 8, 4, 1, 8, 1, 8, 3],
+                                                                  [2, 8, 8, 1, 0, 0, 0, 0]]
+    plan = gen.plan(tokens.numpy(), lengths.numpy())
+    assert (plan.n_words, plan.longest) == (8, 8)
+
+
+def test_ordinary_text_masks_are_unchanged_by_the_cap(minilm_batch):
+    """No word of this text is longer than MAX_WORD_TOKENS: the masks are bit for bit the ones recorded
+    before words were capped (same torch CPU generator), on both greedy loops."""
+    import hashlib
+
+    gen, tokens, lengths, _ = minilm_batch
+    for sync_free in (False, True):
+        gen.sync_free = sync_free
+        out = gen(tokens, lengths, mask_rng(9, 4, 2, "cpu"))
+        gen.sync_free = None
+        digest = hashlib.sha256()
+        for key in sorted(out):
+            digest.update(key.encode())
+            digest.update(out[key].to(torch.int64).numpy().tobytes())
+        assert digest.hexdigest() == "7419f5af1f3a666aaa9e25db95632899709a6deb4bc9498b66c3a5710035982b", sync_free
+
+
+UNSPACED = "这是一个没有空格的句子，我们在这里测试很长的词。" * 20
+
+
+@pytest.mark.parametrize("family", ["synthetic", BYTE_LEVEL_BPE])
+def test_unspaced_run_is_masked_at_the_ratio(request, family):
+    """A 400-token word (no spaces) was one word, longer than every budget, so it was never masked. Cut
+    into pieces it is masked at the ratio (encoder 0.3, decoder rows 0.5) in whole pieces, and the plan's
+    longest word (the bound of the sync-free rounds) is the cap. Byte-level BPE: the run follows a line
+    break, so its start comes from the word-break table."""
+    run = 400
+    if family == "synthetic":
+        ids = synthetic_block([run], random.Random(1))
+        gen, first = synthetic_generator(), 0
+    else:
+        tok = request.getfixturevalue("byte_level_tokenizer")
+        ids = tok("The report said.\n" + UNSPACED, add_special_tokens=False)["input_ids"]
+        table, breaks = continuation_table(tok), word_break_table(tok)
+        first = next(i for i in range(1, len(ids)) if breaks[ids[i - 1]])         # the run starts after "Ċ"
+        ids = ids[:first + run]
+        assert all(table[t] and not breaks[p] for p, t in zip(ids[first:], ids[first + 1:]))  # really one word
+        gen = MaskGenerator(table, tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, tok.mask_token_id,
+                            len(tok), tok.all_special_ids, word_breaks=breaks)
+    repeats = 8
+    tokens, lengths = collate_blocks([np.array(ids)] * repeats, gen.pad_id)
+    n = len(ids)
+    plan = gen.plan(tokens.numpy(), lengths.numpy())
+    for sync_free in (False, True):
+        gen.sync_free = sync_free
+        out = gen(tokens, lengths, mask_rng(0, 1, 0, "cpu"), plan=plan)
+        gen.sync_free = None
+        masked = (out["encoder_labels"][:, 1:n + 1] != -100)
+        enc_share = masked.sum(1).float() / (n + 2)
+        assert ((enc_share - 0.3).abs() < 0.02).all(), enc_share
+        pieces = masked[:, first:].reshape(repeats, run // MAX_WORD_TOKENS, MAX_WORD_TOKENS)
+        assert (pieces.all(2) | ~pieces.any(2)).all()                             # whole pieces
+        hidden = ~out["decoder_attention_mask"][:, 1:n + 1, :n + 2]               # real rows (own position too)
+        dec_share = hidden.sum(2).float() / (n + 2)
+        assert ((dec_share - 0.5).abs() < 0.02).all(), (dec_share.min(), dec_share.max())
+    assert plan.longest == MAX_WORD_TOKENS
+    assert (plan.n_words, plan.longest) == _device_word_numbers(gen, tokens, lengths)

@@ -13,9 +13,11 @@ stores). `MaskGenerator` turns it into the six tensors `RetroMAEForPretraining.f
 with L = Lmax + 2. Semantics follow the published reference (see shared/notes/retromae-semantics.md):
 a whole-word draw with ratio p covers at most `max(1, round((n + 2) * p))` tokens (n + 2 counts the
 [CLS]/[SEP] like the reference, which measures the encoded sequence); words are visited in random
-order and a word is taken only if it still fits. Each decoder attention row hides one whole-word draw
-(ratio `decoder_mask_ratio`) plus itself; [CLS] (column 0) is never drawn, so every other row sees it;
-padding is never visible.
+order and a word is taken only if it still fits. A word longer than `MAX_WORD_TOKENS` (a run of text
+without spaces: Chinese, Japanese, Thai) counts as consecutive words of at most that many tokens, so it
+is masked like other text instead of never fitting the budget. Each decoder attention row hides one
+whole-word draw (ratio `decoder_mask_ratio`) plus itself; [CLS] (column 0) is never drawn, so every
+other row sees it; padding is never visible.
 
 Decoder draws come from a pool, like the reference: `decoder_mask_pool` = K draws per sample (default
 128) and every row picks one member uniformly at random. A row's mask has exactly the distribution of a
@@ -39,7 +41,8 @@ longest word. Given a `BatchPlan` (`MaskGenerator.plan`, computed with numpy fro
 blocks before they are sent, e.g. in the loader thread), the call makes no host sync at all; without
 one it reads both from the device in one sync. With a pool on an accelerator, the greedy rounds run a
 fixed `longest - 1` times over all rows (each round takes one word per row that still has a fitting
-one, and the budget left after the prefix is below the longest word), so there is no per-round sync.
+one, and the budget left after the prefix is below the longest word), so there is no per-round sync;
+words are capped at `MAX_WORD_TOKENS`, so that is at most 7 rounds, even for text without spaces.
 Without a pool (B * L rows: too many for full-width rounds) and on the CPU (where a sync is free) the
 rounds compact the unfinished rows instead, one sync per round. Both loops give the same draw
 (`MaskGenerator.sync_free` picks). A plan also makes the batch static for the model: the encoder's
@@ -69,6 +72,16 @@ WORDPIECE = "wordpiece"
 SENTENCEPIECE = "sentencepiece"
 BYTE_LEVEL_BPE = "byte-level-bpe"
 WORD_LEVEL = "word-level"
+
+# The most tokens a word may have; a longer run is cut into words of this many tokens from its start.
+# Without spaces (Chinese, Japanese, Thai under SentencePiece or byte-level BPE) a whole clause or
+# paragraph is one "word" of hundreds of tokens: longer than its sample's budget, it is never masked (that
+# text trains nothing), and it sets the sync-free draw's `longest - 1` rounds. Why 8: words of spaced text
+# are much shorter (BERT's uncased WordPiece on the Lee news corpus: 96% one piece, 0.02% more than 4,
+# none more than 6), so their masks stay bit for bit what they were; a piece of 8 still fits the
+# encoder's budget from 25-token samples up (round(25 * 0.3) = 8) and the decoder's from 15; a capped run
+# misses the ratio by less than one piece; and the greedy rounds stay at most 7.
+MAX_WORD_TOKENS = 8
 
 
 def collate_blocks(blocks: Sequence[np.ndarray], pad_id: int, pad_to_multiple_of: int | None = 8,
@@ -193,7 +206,7 @@ class BatchPlan:
     and the model's heads need no host-device sync (every shape and loop bound is known up front)."""
 
     n_words: int                 # the most words in one sample (the width of the word tables)
-    longest: int                 # the longest word, in tokens (the greedy rounds' bound)
+    longest: int                 # the longest word, in tokens (the greedy rounds' bound; <= the cap)
     padded: bool                 # some sample is shorter than the batch width
     encoder_label_capacity: int  # at most this many encoder positions get a label
 
@@ -208,10 +221,11 @@ class MaskGenerator:
     def __init__(self, continuation: torch.Tensor, cls_id: int, sep_id: int, pad_id: int, mask_id: int,
                  vocab_size: int, special_ids: Sequence[int], encoder_mask_ratio: float = 0.3,
                  decoder_mask_ratio: float = 0.5, decoder_mask_pool: int = 128,
-                 word_breaks: torch.Tensor | None = None) -> None:
+                 word_breaks: torch.Tensor | None = None, max_word_tokens: int = MAX_WORD_TOKENS) -> None:
         """`continuation` and `word_breaks` (optional, all False when omitted): the tokenizer's
         `continuation_table` and `word_break_table`; a token continues the previous token's word when
-        its id continues and the previous id does not end with whitespace."""
+        its id continues and the previous id does not end with whitespace, and the word has fewer than
+        `max_word_tokens` tokens so far (see MAX_WORD_TOKENS)."""
         named = {"cls_token": cls_id, "sep_token": sep_id, "pad_token": pad_id, "mask_token": mask_id}
         missing = [name for name, value in named.items() if value is None]
         if missing:
@@ -238,6 +252,9 @@ class MaskGenerator:
         self.encoder_mask_ratio = float(encoder_mask_ratio)
         self.decoder_mask_ratio = float(decoder_mask_ratio)
         self.decoder_mask_pool = pool
+        if isinstance(max_word_tokens, bool) or operator.index(max_word_tokens) < 1:
+            raise ValueError(f"max_word_tokens = {max_word_tokens!r}: must be an integer >= 1")
+        self.max_word_tokens = operator.index(max_word_tokens)
         allowed = torch.ones(int(vocab_size), dtype=torch.bool)
         allowed[[i for i in special_ids if 0 <= i < vocab_size]] = False
         self.replacement_ids = allowed.nonzero().squeeze(1)
@@ -250,8 +267,9 @@ class MaskGenerator:
 
     def plan(self, tokens, lengths) -> BatchPlan:
         """The `BatchPlan` of a collated batch, from its host copy (numpy or CPU tensors): the same word
-        structure `__call__` finds on the device (a word starts at the first token and at every token
-        the continuation table does not mark), computed here so that the device never reports it back."""
+        structure `__call__` finds on the device (a word starts at the first token, at every token the
+        tables do not join to the previous one, and every `max_word_tokens` tokens into a longer run),
+        computed here so that the device never reports it back."""
         tokens = np.asarray(tokens)
         lengths = np.asarray(lengths, dtype=np.int64)
         batch, width = tokens.shape
@@ -262,6 +280,9 @@ class MaskGenerator:
         continues[:, 1:] &= ~breaks[clipped[:, :-1]]           # the previous token ended with whitespace
         continues[:, 0] = False                                # a block's first token always starts a word
         starts = real & ~continues
+        at = np.arange(width)                                  # as on the device: cut long runs from their start
+        word_start = np.maximum.accumulate(np.where(starts, at, 0), axis=1)
+        starts |= real & ((at - word_start) % self.max_word_tokens == 0)
         n_words = int(starts.sum(1).max()) if batch else 0
         start_at = np.flatnonzero(starts[real])                # words never cross samples: each starts one
         longest = int(np.diff(np.append(start_at, int(real.sum()))).max()) if len(start_at) else 0
@@ -294,6 +315,8 @@ class MaskGenerator:
         continues = self.continuation[known] & real & (pos >= 2)
         continues[:, 1:] &= ~self.word_breaks[known[:, :-1]]                   # ... and the previous did not end a word
         starts = real & ~continues
+        word_start = torch.where(starts, pos, 0).cummax(1).values                # where each token's word began
+        starts |= real & ((pos - word_start) % self.max_word_tokens == 0)       # cut runs into MAX_WORD_TOKENS
         word_of = (starts.cumsum(1) - 1).clamp(min=0)                           # word index per position
         word_len = torch.zeros(batch, seq_len, dtype=torch.int32, device=device)  # trimmed to n_words below
         word_len.scatter_add_(1, word_of, real.to(torch.int32))
