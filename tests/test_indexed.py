@@ -293,3 +293,113 @@ def test_blend_of_indexed_datasets_has_sizes(tmp_path):
     assert blend.sizes.tolist() == [len(blend[i]) for i in range(len(blend))]
     assert sorted({tuple(blend[int(i)].tolist()) for i in blend.epoch_samples(0)}) == sorted(
         {tuple(x) for x in expected_blocks() + [[1, 2, 3, 4], [5]]})
+
+
+# --------------------------------------------------------------------------------------------------
+# the open-time check runs in chunks: every corruption is still caught wherever it lies, in bounded memory
+
+
+def many_docs(n_docs=20, seed=0):
+    """Documents of 1-3 blocks of 1-3 ids each (about 40 blocks): many chunks of 4 blocks."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for _ in range(n_docs):
+        sizes = rng.integers(1, 4, rng.integers(1, 4)).tolist()
+        docs.append((rng.integers(5, 100, sum(sizes)).tolist(), sizes))
+    return docs
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 4, 7, 1 << 20])
+def test_chunked_check_accepts_a_sound_index(tmp_path, monkeypatch, chunk):
+    from retromae_ds.data import indexed
+
+    monkeypatch.setattr(indexed, "CHECK_CHUNK_BLOCKS", chunk)
+    docs = many_docs()
+    write_docs(tmp_path / "d", docs)
+    ds = IndexedDataset(str(tmp_path / "d"))
+    assert [b.tolist() for b in ds] == expected_blocks(docs)
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("empty_block", "a block has no ids"),
+    ("negative_block", "a block has no ids"),
+    ("grown_block", r"block sizes sum to {sum_plus_1}, header says {sum} ids"),  # reported before the pointers
+    ("grown_last_block", r"block sizes sum to {sum_plus_1}, header says {sum} ids"),
+    ("bad_pointer", "block pointers disagree with block sizes"),
+    ("bad_pointer_at_chunk_start", "block pointers disagree with block sizes"),
+    ("bad_last_pointer", "block pointers disagree with block sizes"),
+    ("doc_index_repeats", "document index is not increasing"),
+    ("doc_index_repeats_across_chunks", "document index is not increasing"),
+    ("doc_index_decreases", "document index is not increasing"),
+    ("doc_index_wrong_end", "document index is not increasing"),
+])
+def test_corruption_in_a_later_chunk_is_caught(tmp_path, monkeypatch, case, pattern):
+    """The check reads CHECK_CHUNK_BLOCKS blocks at a time; with chunks of 4, each corruption sits in a
+    late chunk (at its start, middle or end) and gives the same error as for the whole index at once."""
+    from retromae_ds.data import indexed
+
+    monkeypatch.setattr(indexed, "CHECK_CHUNK_BLOCKS", 4)
+    prefix = tmp_path / "d"
+    docs = many_docs()
+    write_docs(prefix, docs)
+    nb, nd = sum(len(s) for _, s in docs), len(docs)
+    total = sum(sum(s) for _, s in docs)
+    assert nb > 30 and nd > 16
+    idx = str(prefix) + ".idx"
+    pointers_at, doc_at = 64, 64 + 8 * nb
+    sizes_at = doc_at + 8 * (nd + 1)
+    sizes = np.fromfile(idx, np.int32, nb, offset=sizes_at)
+    doc_index = np.fromfile(idx, np.int64, nd + 1, offset=doc_at)
+    late = 4 * 6 + 2                                         # the middle of chunk 6
+    if case == "empty_block":
+        damage(idx, sizes_at + 4 * late, np.int32(0).tobytes())
+    elif case == "negative_block":
+        damage(idx, sizes_at + 4 * late, np.int32(-3).tobytes())
+    elif case == "grown_block":
+        damage(idx, sizes_at + 4 * late, np.int32(sizes[late] + 1).tobytes())
+    elif case == "grown_last_block":                         # moves no pointer: only the sum tells
+        damage(idx, sizes_at + 4 * (nb - 1), np.int32(sizes[-1] + 1).tobytes())
+    elif case == "bad_pointer":
+        damage(idx, pointers_at + 8 * late, np.int64(2).tobytes())
+    elif case == "bad_pointer_at_chunk_start":               # the running offset carried into chunk 5
+        pointer = np.fromfile(idx, np.int64, 1, offset=pointers_at + 8 * 20)[0]
+        damage(idx, pointers_at + 8 * 20, np.int64(pointer + 2).tobytes())
+    elif case == "bad_last_pointer":
+        pointer = np.fromfile(idx, np.int64, 1, offset=pointers_at + 8 * (nb - 1))[0]
+        damage(idx, pointers_at + 8 * (nb - 1), np.int64(pointer - 2).tobytes())
+    elif case == "doc_index_repeats":
+        damage(idx, doc_at + 8 * 14, doc_index[13].tobytes())
+    elif case == "doc_index_repeats_across_chunks":          # entries 15 and 16 sit in chunks 3 and 4
+        damage(idx, doc_at + 8 * 16, doc_index[15].tobytes())
+    elif case == "doc_index_decreases":
+        damage(idx, doc_at + 8 * 14, np.int64(doc_index[13] - 1).tobytes())
+    elif case == "doc_index_wrong_end":
+        damage(idx, doc_at + 8 * nd, np.int64(nb + 1).tobytes())
+    with pytest.raises(UserError, match=pattern.format(sum=total, sum_plus_1=total + 1)) as err:
+        IndexedDataset(str(prefix))
+    assert "prepare" in str(err.value)
+
+
+def test_open_time_check_allocates_a_bounded_amount(tmp_path, monkeypatch):
+    """The check's temporaries are bounded by the chunk (~9 bytes per block of it: one int64 offset
+    buffer and a comparison mask), whatever the index's size; the whole index at once took ~25 bytes per
+    block (75 MB here, 2.5 GB per rank at 100M blocks). numpy's buffers are traced by tracemalloc."""
+    import tracemalloc
+
+    from retromae_ds.data import indexed
+
+    rng = np.random.default_rng(0)
+    blocks, chunk = 3_000_000, 1 << 16
+    sizes = rng.integers(1, 3, blocks)
+    with IndexedDatasetWriter(str(tmp_path / "d"), np.uint16) as writer:
+        writer.add_documents(np.zeros(int(sizes.sum()), np.uint16), sizes, np.full(blocks // 3, 3))
+        writer.finalize({})
+    monkeypatch.setattr(indexed, "CHECK_CHUNK_BLOCKS", chunk)
+    ds = IndexedDataset(str(tmp_path / "d"))
+    tracemalloc.start()
+    try:
+        ds._check_arrays()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * chunk, f"{peak / 2**20:.1f} MB for {blocks:,} blocks in chunks of {chunk:,}"
