@@ -240,9 +240,12 @@ def test_a_built_wheel_runs_outside_the_checkout(tmp_path):
     src = tmp_path / "src"  # build from a copy: a build writes build/ and *.egg-info next to the sources
     skip_everywhere = shutil.ignore_patterns("*.egg-info", "__pycache__", ".pytest_cache")
 
+    def is_env(folder):  # a venv or conda env made in the clone (`python3 -m venv venv`): GBs the wheel never needs
+        return (folder / "pyvenv.cfg").is_file() or (folder / "conda-meta").is_dir()
+
     def ignore(folder, names):  # run outputs at the top only: retromae_ds/data is a package
         top = {".git", "runs", "data", "build"} & set(names) if Path(folder) == R.REPO else set()
-        return top | set(skip_everywhere(folder, names))
+        return top | {n for n in names if is_env(Path(folder, n))} | set(skip_everywhere(folder, names))
 
     shutil.copytree(R.REPO, src, symlinks=True, ignore=ignore)
     wheel_dir = tmp_path / "wheel"
@@ -251,11 +254,21 @@ def test_a_built_wheel_runs_outside_the_checkout(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     wheel = next(wheel_dir.glob("retromae_ds-*.whl"))
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)  # torch etc. from this machine
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     py = env_dir / "bin" / "python"
     res = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
+    # torch etc. come from the interpreter running this test. system_site_packages would show the *base*
+    # interpreter's packages instead when this one is a venv or conda env. A .pth file appends this
+    # interpreter's import path after the venv's own site-packages (where the wheel is), minus the checkout;
+    # plain paths, so no .pth hook of an editable install of the checkout runs there. Written after the
+    # install, so that pip sees a bare venv.
+    res = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    outer = [p for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != R.REPO]
+    (Path(res.stdout.strip()) / "outer_interpreter.pth").write_text("".join(p + "\n" for p in outer))
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -263,7 +276,10 @@ def test_a_built_wheel_runs_outside_the_checkout(tmp_path):
              "assert 'site-packages' in retromae_ds.__file__, retromae_ds.__file__; "
              "import retromae_ds.data.loader as m; assert 'site-packages' in m.__file__, m.__file__; "
              "assert l('ds_configs/zero2.json')['zero_optimization']['stage'] == 2; "
-             "assert l('zero3_offload')['zero_optimization']['offload_optimizer']['device'] == 'cpu'")
+             "assert l('zero3_offload')['zero_optimization']['offload_optimizer']['device'] == 'cpu'; "
+             # the wheel in this venv, not another install; the dependencies this test runs with
+             "assert all(f.startswith(sys.prefix) for f in (retromae_ds.__file__, m.__file__)), sys.path; "
+             f"import torch; assert torch.__file__ == {torch.__file__!r}, torch.__file__")
     res = subprocess.run([str(py), "-c", check], capture_output=True, text=True, cwd=work, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     res = subprocess.run([str(env_dir / "bin" / "retromae-ds"), "init", "mine"], capture_output=True, text=True,
