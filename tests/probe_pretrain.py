@@ -23,6 +23,30 @@ RETROMAE_TEST_SYNCS=N records the operations that would make the host wait for a
 (tests/sync_watch.py) during steps 1..N, per step, into the probe's "syncs": a step is the time from
 one `next_global_batch` call to the next, so it includes that step's logging. The mask generator
 takes its accelerator path (fixed greedy rounds), as it would on a GPU.
+RETROMAE_TEST_PROBE_MASTERS=1 (with RETROMAE_TEST_PROBE=DIR): at the first call of `engine.step` in
+this process, before that step runs, every rank reads the optimizer's fp32 master weights
+(`deepspeed.utils.safe_get_full_fp32_param` of each `engine.module.named_parameters()`, a collective
+under ZeRO-3) and rank 0 saves {name: tensor on the CPU} to DIR/masters.pt (a parameter without fp32
+masters is saved as None). Tied parameters appear once (named_parameters drops duplicates).
+
+The hooks below work with or without RETROMAE_TEST_PROBE:
+RETROMAE_TEST_FP16_ON_CPU=1 lets fp16 run on CPU ranks: the accelerator's `is_fp16_supported` answers
+True and its `supported_dtypes` include torch.float16 (DeepSpeed otherwise refuses: "Type fp16 is not
+supported on your device."), and `retromae_ds.config.resolve_precision` resolves --precision fp16 as it
+would on a GPU (the product refuses fp16 on "cpu"). It checks configuration, checkpoint layout, resume and
+consolidation under fp16, not fp16 kernels (those run on a GPU only).
+RETROMAE_TEST_HIDE_SAVED_FILES_RANK=R: on rank R, every checkpoint file this rank saves through the
+trainer's checkpoint engine (`retromae_ds.engine.checkpoint.ManifestingCheckpointEngine.save`) is renamed
+to PATH.node-local right after it is written, while the saver's records (written sizes and hashes) stay
+as they are: what rank 0 sees when rank R writes to a node-local --output-dir.
+RETROMAE_TEST_FAIL_ON_RANK0=consolidate|export: on rank 0 only, the consolidation of the fp32 weights
+(`retromae_ds.engine.checkpoint.consolidated_fp32_state` and DeepSpeed's
+`deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`, also where another module of
+retromae_ds imported them by name) or the export (`retromae_ds.engine.export.export_checkpoint`, likewise)
+raises RuntimeError("injected failure on rank 0").
+RETROMAE_TEST_RECOVERY_COPY_FAILS=1: on rank 0, DeepSpeed's copy of zero_to_fp32.py into each checkpoint
+(`shutil.copyfile` as deepspeed.runtime.engine imported it) raises ENOSPC, as on a disk that filled up
+after the optimizer files were written.
 """
 
 from __future__ import annotations
@@ -38,6 +62,16 @@ sys.path.insert(0, REPO)
 PROBE = os.environ.get("RETROMAE_TEST_PROBE", "")
 RECORD: dict = {"engine": None, "forwards": {}, "blocks": [], "steps": 0, "module": None, "syncs": []}
 SYNC_STEPS = int(os.environ.get("RETROMAE_TEST_SYNCS", "0"))
+PROBE_MASTERS = bool(os.environ.get("RETROMAE_TEST_PROBE_MASTERS"))
+FP16_ON_CPU = bool(os.environ.get("RETROMAE_TEST_FP16_ON_CPU"))
+HIDE_SAVED_FILES_RANK = os.environ.get("RETROMAE_TEST_HIDE_SAVED_FILES_RANK", "")
+FAIL_ON_RANK0 = os.environ.get("RETROMAE_TEST_FAIL_ON_RANK0", "")
+RECOVERY_COPY_FAILS = bool(os.environ.get("RETROMAE_TEST_RECOVERY_COPY_FAILS"))
+INJECTED_FAILURE = "injected failure on rank 0"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
 
 
 class _RecordingDataset:
@@ -116,6 +150,9 @@ def _install() -> None:
         original_step = engine.step
 
         def step(*a, **kw):
+            if PROBE_MASTERS and not RECORD.get("masters_saved"):
+                RECORD["masters_saved"] = True
+                _save_masters(engine)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
                 RECORD["steps"] += 1
@@ -129,6 +166,123 @@ def _install() -> None:
     deepspeed.initialize = initialize
     if SYNC_STEPS:
         _watch_syncs()
+
+
+def _save_masters(engine) -> None:
+    """The optimizer's fp32 master weights as they are now, by parameter name (RETROMAE_TEST_PROBE_MASTERS)."""
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # every rank: an all-reduce / all-gather inside
+        masters[name] = None if full is None else full.detach().cpu().clone()
+    if _rank() == 0:
+        torch.save(masters, os.path.join(PROBE, "masters.pt"))
+
+
+def _fp16_on_cpu() -> None:
+    """RETROMAE_TEST_FP16_ON_CPU: DeepSpeed and the trainer accept fp16 on CPU ranks."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    from retromae_ds import config
+
+    accelerator = type(get_accelerator())
+    original_dtypes = accelerator.supported_dtypes
+
+    def supported_dtypes(self):
+        dtypes = list(original_dtypes(self))
+        return dtypes if torch.float16 in dtypes else dtypes + [torch.float16]
+
+    accelerator.is_fp16_supported = lambda self: True
+    accelerator.supported_dtypes = supported_dtypes
+    original_resolve = config.resolve_precision
+
+    def resolve_precision(cfg, device_type, bf16_supported):
+        if cfg.precision == "fp16" and device_type == "cpu":
+            return original_resolve(cfg, "cuda", bf16_supported)
+        return original_resolve(cfg, device_type, bf16_supported)
+
+    config.resolve_precision = resolve_precision
+
+
+def _hide_saved_files(rank: int) -> None:
+    """RETROMAE_TEST_HIDE_SAVED_FILES_RANK: this rank's checkpoint files vanish from where rank 0 looks."""
+    from retromae_ds.engine.checkpoint import ManifestingCheckpointEngine
+
+    if _rank() != rank:
+        return
+    original_save = ManifestingCheckpointEngine.save
+
+    def save(self, state_dict, path):
+        original_save(self, state_dict, path)
+        if os.path.exists(path):
+            os.replace(path, path + ".node-local")
+
+    ManifestingCheckpointEngine.save = save
+
+
+def _replace_everywhere(module, name: str, replacement) -> None:
+    """Set module.name and every name in an imported retromae_ds module bound to the same object."""
+    original = getattr(module, name)
+    setattr(module, name, replacement)
+    for mod_name, mod in list(sys.modules.items()):
+        if mod is not None and mod_name.split(".")[0] == "retromae_ds":
+            for attr, value in list(vars(mod).items()):
+                if value is original:
+                    setattr(mod, attr, replacement)
+
+
+def _fail_on_rank0(what: str) -> None:
+    """RETROMAE_TEST_FAIL_ON_RANK0: rank 0's consolidation or export raises."""
+    if what not in ("consolidate", "export"):
+        raise SystemExit(f"RETROMAE_TEST_FAIL_ON_RANK0={what}: expected consolidate or export")
+    if _rank() != 0:
+        return
+    import deepspeed.utils.zero_to_fp32 as zero_to_fp32
+
+    import retromae_ds.engine.checkpoint as checkpoint
+    import retromae_ds.engine.export as export
+    import retromae_ds.engine.trainer  # noqa: F401  (so names it imported are replaced too)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(INJECTED_FAILURE)
+
+    if what == "consolidate":
+        targets = [(zero_to_fp32, "get_fp32_state_dict_from_zero_checkpoint")]
+        if hasattr(checkpoint, "consolidated_fp32_state"):
+            targets.append((checkpoint, "consolidated_fp32_state"))
+    else:
+        targets = [(export, "export_checkpoint")]
+    for module, name in targets:
+        _replace_everywhere(module, name, fail)
+
+
+def _recovery_copy_fails() -> None:
+    """RETROMAE_TEST_RECOVERY_COPY_FAILS: rank 0's copy of DeepSpeed's recovery script hits a full disk."""
+    import errno
+
+    import deepspeed.runtime.engine as ds_engine
+
+    if _rank() != 0:
+        return
+
+    def copyfile(src, dst, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst)
+
+    ds_engine.copyfile = copyfile
+
+
+def _install_independent_hooks() -> None:
+    if FP16_ON_CPU:
+        _fp16_on_cpu()
+    if HIDE_SAVED_FILES_RANK:
+        _hide_saved_files(int(HIDE_SAVED_FILES_RANK))
+    if FAIL_ON_RANK0:
+        _fail_on_rank0(FAIL_ON_RANK0)
+    if RECOVERY_COPY_FAILS:
+        _recovery_copy_fails()
 
 
 def _watch_syncs() -> None:
@@ -168,6 +322,7 @@ def main() -> int:
     if PROBE:
         os.makedirs(PROBE, exist_ok=True)
         _install()
+    _install_independent_hooks()
     from retromae_ds.engine.trainer import run_cli
 
     rc = run_cli()

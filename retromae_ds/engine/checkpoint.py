@@ -136,9 +136,22 @@ class ManifestingCheckpointEngine:
     def start(self) -> None:
         self.written, self.errors = {}, []
 
+    def guard(self, write, what: str):
+        """`write(path, ...)`, a DeepSpeed step that writes the file `what` into the folder `path` outside
+        this engine (its copy of zero_to_fp32.py next to the checkpoints, on rank 0 only), with its write errors recorded
+        instead of raised, for the same reason as `save`: one rank raising inside `save_checkpoint`
+        leaves the others waiting in its barrier."""
+        def guarded(path, *args, **kwargs):
+            try:
+                return write(path, *args, **kwargs)
+            except OSError as err:
+                self.errors.append((os.path.join(path, what), describe_write_error(err)))
+        return guarded
+
     def save(self, state_dict, path: str) -> None:
         import torch
 
+        _tag_bf16_optimizer_state(state_dict)
         try:
             with open(path, "wb") as f:
                 writer = _HashingWriter(f)
@@ -153,6 +166,40 @@ class ManifestingCheckpointEngine:
                 os.remove(path)  # a truncated file must not look like data
             except OSError:
                 pass
+
+
+def _tag_bf16_optimizer_state(state_dict) -> None:
+    """Label DeepSpeed's BF16_Optimizer state as the ZeRO stage-1 partition it is.
+
+    With bf16 weights, fp32 gradient accumulation and ZeRO stage 1, DeepSpeed 0.19.8 wraps the optimizer
+    in `BF16_Optimizer` (engine `_do_optimizer_sanity_check`), whose state has no `zero_stage` key, so
+    its own `zero_to_fp32` refuses the checkpoint ("... is not a zero checkpoint") although the layout is
+    stage 1's: one flat fp32 partition per rank and group, aligned to 2 x world size, in
+    `single_partition_of_fp32_groups`, with `partition_count`. With the key, DeepSpeed's consolidation
+    (export, a resume with a new world size, the zero_to_fp32.py copied into the folder) reads it as
+    stage 1; BF16_Optimizer's own loader reads its keys by name and ignores this one."""
+    from deepspeed.checkpoint.constants import SINGLE_PARTITION_OF_FP32_GROUPS, ZERO_STAGE
+
+    optim = state_dict.get("optimizer_state_dict") if isinstance(state_dict, dict) else None
+    if isinstance(optim, dict) and SINGLE_PARTITION_OF_FP32_GROUPS in optim and ZERO_STAGE not in optim:
+        optim[ZERO_STAGE] = 1
+
+
+def consolidated_fp32_state(path: Path) -> dict:
+    """The full fp32 weights of a checkpoint folder (any ZeRO stage, any precision), from the optimizer's
+    fp32 master partitions: what export writes and what a resume with a new world size starts from."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(path)
+    try:
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    except ValueError as err:
+        if "is not a zero checkpoint" in str(err):
+            raise UserError(f"{path}: DeepSpeed cannot consolidate this checkpoint's weights ({err}). It was "
+                            f"written by an earlier retromae-ds with ZeRO-1 and bf16, before its optimizer "
+                            f"state was labelled; resume it with the same world size, or re-save it with "
+                            f"this version.") from None
+        raise
 
 
 def describe_write_error(err: BaseException) -> str:

@@ -37,10 +37,9 @@ def main(args: argparse.Namespace) -> int:
 
 def load_checkpoint_model(checkpoint: str | Path):
     """Rebuild the RetroMAE module from a checkpoint folder and load its consolidated fp32 weights."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
 
-    from retromae_ds.engine.checkpoint import find_checkpoint
+    from retromae_ds.engine.checkpoint import consolidated_fp32_state, find_checkpoint
     from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
 
     path = find_checkpoint(checkpoint)
@@ -53,7 +52,7 @@ def load_checkpoint_model(checkpoint: str | Path):
     encoder = AutoModelForMaskedLM.from_config(hf_config)
     model = RetroMAEForPretraining(encoder, RetroMAEConfig(objective=settings["objective"],
                                                            bow_loss_weight=settings["bow_loss_weight"]))
-    state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    state = consolidated_fp32_state(path)
     missing, unexpected = _load(model, state)
     if missing or unexpected:
         raise UserError(f"{path}: checkpoint weights do not match the model (missing {missing[:5]}, "

@@ -21,6 +21,7 @@ import argparse
 import math
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ class Trainer:
         from retromae_ds.engine.distributed import (all_gather_object, all_reduce_max, all_reduce_sum, barrier,
                                                     broadcast_object, init_distributed, native_bf16)
 
-        dist = init_distributed(self.local_rank_arg)
+        dist = init_distributed(self.local_rank_arg, timeout=config_mod.parse_dist_timeout(cfg.dist_timeout))
         self.dist = dist
         if cfg.is_demo:
             from retromae_ds.engine.build import apply_demo_defaults, ensure_demo_data
@@ -167,15 +168,24 @@ class Trainer:
                               batch=_schedule_batch(client) or global_batch)
         if sched.total_steps <= 0:
             raise UserError("nothing to train: give --max-steps N or --epochs E (> 0).")
+        consolidated = None
         if reshard:
             # ZeRO partitions are per-rank: with a new world size, start from the consolidated fp32
             # weights (read once, by rank 0, then broadcast); Adam moments restart.
-            self._load_consolidated_weights(model, resume_from)
+            consolidated = self._load_consolidated_weights(model, resume_from, keep=precision != "fp32")
 
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
                                                config=ds_config)
+        if reshard and precision != "fp32":
+            # DeepSpeed cast the module to 16 bits and cloned its fp32 masters from that: put the exact
+            # consolidated values back, or every resume with a new world size would round the weights.
+            self._restore_fp32_masters(engine, consolidated)
+        del consolidated
         saver = ckpt.ManifestingCheckpointEngine(engine.checkpoint_engine)
         engine.checkpoint_engine = saver
+        # DeepSpeed copies zero_to_fp32.py into each checkpoint on rank 0 outside its checkpoint engine:
+        # a full disk there must be recorded like any other failed write, not raised on rank 0 alone
+        engine._copy_recovery_script = saver.guard(engine._copy_recovery_script, "zero_to_fp32.py")
         device = engine.device
         pad_id = tokenizer.pad_token_id
         masker = MaskGenerator(continuation_table(tokenizer), cls_id=tokenizer.cls_token_id,
@@ -190,7 +200,7 @@ class Trainer:
                                   cfg.grad_accum, pin=device.type == "cuda", static_width=cfg.compile or cfg.static_shapes)
         ahead = None  # the next step's micro-batches, loading
 
-        step, skipped_total, tokens_seen, rewarm_from = 0, 0, 0, None
+        step, skipped_total, scale_skips, tokens_seen, rewarm_from = 0, 0, 0, 0, None
         if dist.is_main:
             ckpt.remove_incomplete(out_dir)
         barrier()
@@ -203,6 +213,7 @@ class Trainer:
             self._check_resume_compatible(client, data.fingerprints, resume_from)
             step = int(client["step"])
             skipped_total = int(client["skipped_steps"])
+            scale_skips = int(client.get("loss_scale_skips", 0))
             tokens_seen = int(client["tokens_seen"])
             rewarm_from = step if reshard else client.get("rewarm_from")
             sampler.load_state_dict(client["sampler"])
@@ -234,7 +245,8 @@ class Trainer:
             """Every rank writes its part; the failure of any rank is everyone's (SaveFailed), the partial
             folder goes, earlier checkpoints stay. Rank 0 writes the manifest, then the marker, last."""
             path = ckpt.checkpoint_root(out_dir) / ckpt.tag_for(tag_step)
-            client_state = {"step": tag_step, "skipped_steps": skipped_total, "tokens_seen": tokens_seen,
+            client_state = {"step": tag_step, "skipped_steps": skipped_total, "loss_scale_skips": scale_skips,
+                            "tokens_seen": tokens_seen,
                             "sampler": sampler.state_dict(), "config": cfg.to_dict(),
                             "data": data.fingerprints, "world_size": world, "schedule_batch": sched.batch,
                             "rewarm_from": rewarm_from}
@@ -249,10 +261,13 @@ class Trainer:
                     write_model_files(engine.module, tokenizer, cfg, path / "model_config")
                 except OSError as err:
                     errors.append((str(path / "model_config"), ckpt.describe_write_error(err)))
-            reports = all_gather_object((errors, saver.written))
-            errors = [e for errs, _ in reports for e in errs]
+            reports = all_gather_object((errors, saver.written, socket.gethostname()))
+            errors = [e for errs, _, _ in reports for e in errs]
+            unshared = None
             if dist.is_main and not errors:
-                written = {k: v for _, w in reports for k, v in w.items()}
+                unshared = _unseen_files(reports, cfg.output_dir)
+            if dist.is_main and not errors and not unshared:
+                written = {k: v for _, w, _ in reports for k, v in w.items()}
                 try:
                     ckpt.fsync_tree(path)
                     ckpt.write_marker(path, {"step": tag_step, "world_size": world, "reason": reason, **run_facts,
@@ -260,7 +275,12 @@ class Trainer:
                                              "files": ckpt.build_manifest(path, written)})
                 except OSError as err:
                     errors.append((str(path / ckpt.MARKER), ckpt.describe_write_error(err)))
-            errors = broadcast_object(errors)
+            errors, unshared = broadcast_object((errors, unshared))
+            if unshared:
+                if dist.is_main:
+                    ckpt.remove_checkpoint(path)
+                barrier()
+                raise UserError(unshared)
             if errors:
                 if dist.is_main:
                     ckpt.remove_checkpoint(path)
@@ -317,6 +337,7 @@ class Trainer:
                 micro_batches = ready.result()
                 data_wait = time.monotonic() - t_data
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any micro-batch's loss
+                searching = _loss_scale_can_fall(engine)  # before the step: the step may lower it
                 for k, micro in enumerate(micro_batches):
                     micro_no = k * world + dist.rank
                     batch = masker(*micro.to(device), mask_rng(cfg.seed, step, micro_no, device), plan=micro.plan)
@@ -339,7 +360,13 @@ class Trainer:
                 step += 1
                 tokens_seen += step_tokens
                 # bookkeeping stays on the device: reading a flag every step would drain the GPU queue
-                bad_step = nonfinite | (not engine.was_step_applied())
+                skipped = not engine.was_step_applied()  # a host flag (DeepSpeed has synced for it already)
+                if skipped and searching and not bool(nonfinite):
+                    # fp16's dynamic loss scale overflowed and DeepSpeed lowers it: its normal search for a
+                    # scale that fits, not a fault (a non-finite loss still is one)
+                    scale_skips += 1
+                    skipped = False
+                bad_step = nonfinite | skipped
                 bad_run = (bad_run + 1) * bad_step
                 bad_new += bad_step
                 finished = steps_left() == 0
@@ -370,6 +397,7 @@ class Trainer:
                     metrics = {"loss": sums[0] / count, "encoder_loss": sums[1] / count,
                                "decoder_loss": sums[2] / count, "encoder_accuracy": sums[4] / count,
                                "lr": lr, "grad_norm": _grad_norm(engine), "skipped_steps": skipped_total,
+                               "loss_scale_skips": scale_skips,
                                "tokens_seen": tokens_seen, "samples_seen": sampler.total_consumed,
                                "epoch": sampler.epoch}
                     if cfg.objective == "mlm":
@@ -436,15 +464,25 @@ class Trainer:
         logger.log(step, final, kind="eval")
         if cfg.export:
             barrier()
+            error = None
             if dist.is_main:
                 from retromae_ds.engine.export import export_checkpoint
 
-                target = export_checkpoint(path, out_dir / "export", overwrite=True)
-                print(f"[retromae-ds] exported the encoder to {target}", flush=True)
-            barrier()
+                try:
+                    target = export_checkpoint(path, out_dir / "export", overwrite=True)
+                    print(f"[retromae-ds] exported the encoder to {target}", flush=True)
+                except Exception as err:  # noqa: BLE001 - the other ranks wait for rank 0's outcome
+                    error = f"{err}" if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+            error = broadcast_object(error)  # also the barrier after the export
+            if error:
+                raise UserError(f"exporting {path} to {out_dir / 'export'} failed on rank 0: {error}. Training "
+                                f"finished and the checkpoint is complete: run `retromae-ds export {path} OUT_DIR` "
+                                f"once the cause is fixed.")
         if dist.is_main:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if isinstance(v, float))
-            print(f"[retromae-ds] done: {step} steps, {skipped_total} skipped. {shown}", flush=True)
+            searched = f", {scale_skips} loss-scale skips (fp16)" if precision == "fp16" else ""
+            print(f"[retromae-ds] done: {step} steps, {skipped_total} skipped as NaN/inf{searched}. {shown}",
+                  flush=True)
         logger.close()
         return 0
 
@@ -453,8 +491,6 @@ class Trainer:
         """Rank 0 resolves --resume (verifying, setting damaged checkpoints aside) and tells the others;
         each rank then checks that it sees that checkpoint. Ranks that resolved on their own could load
         different steps from a node-local or lagging --output-dir and mix ZeRO partitions."""
-        import socket
-
         from retromae_ds.engine import checkpoint as ckpt
 
         cfg = self.cfg
@@ -480,24 +516,53 @@ class Trainer:
                             f"same --output-dir: put it on a filesystem shared by all nodes.")
         return path
 
-    def _load_consolidated_weights(self, model, checkpoint: Path) -> None:
+    def _load_consolidated_weights(self, model, checkpoint: Path, keep: bool) -> dict | None:
         """Rank 0 consolidates the fp32 weights of a ZeRO checkpoint and broadcasts them: one read of
-        every partition instead of one per rank (at 64 ranks, 64x the I/O and host memory)."""
+        every partition instead of one per rank (at 64 ranks, 64x the I/O and host memory). A failure
+        on rank 0 reaches every rank as the same error (the others would otherwise wait in the broadcast
+        until the collective timeout). With `keep`, returns the consolidated state on rank 0 (None
+        elsewhere) for `_restore_fp32_masters`."""
         import torch
         import torch.distributed as tdist
 
-        if self.dist.is_main:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from retromae_ds.engine import checkpoint as ckpt
+        from retromae_ds.engine.distributed import broadcast_object
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-            model.load_state_dict(state, strict=True)
-            del state
+        state, error = None, None
+        if self.dist.is_main:
+            try:
+                state = ckpt.consolidated_fp32_state(checkpoint)
+                model.load_state_dict(state, strict=True)
+            except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
+                error = f"{err}" if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+        error = broadcast_object(error)
+        if error:
+            raise UserError(f"{checkpoint}: consolidating the fp32 weights for a resume with a new world size "
+                            f"failed on rank 0: {error}")
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             with torch.no_grad():
                 for tensor in model.state_dict().values():  # tied weights: the same storage twice, harmless
                     buf = tensor.to(self.dist.device)
                     tdist.broadcast(buf, src=0)
                     tensor.copy_(buf)
+        return state if keep else None
+
+    def _restore_fp32_masters(self, engine, state: dict | None) -> None:
+        """Set DeepSpeed's fp32 master weights (any ZeRO stage, BF16_Optimizer too) to the consolidated
+        fp32 values, one parameter at a time from rank 0 (each rank keeps its own partition)."""
+        import torch
+        import torch.distributed as tdist
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        many = tdist.is_initialized() and tdist.get_world_size() > 1
+        with torch.no_grad():
+            for name, param in engine.module.named_parameters():
+                shape = tuple(getattr(param, "ds_shape", param.shape))
+                value = (state[name].to(self.dist.device, torch.float32).contiguous() if state is not None
+                         else torch.empty(shape, dtype=torch.float32, device=self.dist.device))
+                if many:
+                    tdist.broadcast(value, src=0)
+                safe_set_full_fp32_param(param, value)
 
     def _stop_nonfinite(self, engine, save, step, consecutive_bad, out_dir, last_saved, logger, device,
                         all_reduce_max) -> int:
@@ -619,6 +684,31 @@ def _schedule_batch(client: dict) -> int | None:
     return int(old["micro_batch_size"]) * int(old["grad_accum"]) * int(client["world_size"])
 
 
+def _unseen_files(reports: list, output_dir: str) -> str | None:
+    """Rank 0's check that it sees every file each rank wrote (`reports`: per rank (errors, {path: digest},
+    host)). A node-local --output-dir leaves each node's partitions on its own disk: the checkpoint
+    would look complete on rank 0 and fail only at resume, and older ones would be pruned on node 0 only."""
+    me = reports[0][2]
+    for rank, (_, written, host) in enumerate(reports):
+        for path in written:
+            if not os.path.exists(path):
+                return (f"--output-dir {output_dir} is not shared by all ranks: rank {rank} on {host} wrote {path}, "
+                        f"which rank 0 on {me} cannot see. Every rank writes its own part of each checkpoint, so "
+                        f"--output-dir must be on a filesystem all nodes share (NFS, Lustre, GPFS, ...). Nothing was "
+                        f"kept of this checkpoint on {me}; delete {Path(path).parent} on {host} too.")
+    return None
+
+
+def _loss_scale_can_fall(engine) -> bool:
+    """fp16 with a dynamic loss scale above its minimum: an overflow now makes DeepSpeed skip the step and
+    lower the scale (after `hysteresis` overflows), which is how it finds a scale that fits. At the
+    minimum (or with a static scale, or bf16/fp32) a skipped step means gradients no scale makes finite."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if not engine.fp16_enabled() or not getattr(scaler, "dynamic", False):
+        return False
+    return float(scaler.cur_scale) > float(scaler.min_scale)
+
+
 def _weights_finite(engine) -> bool:
     """This rank's share of the weights (module parameters and fp32 master partitions) is finite."""
     import torch
@@ -626,7 +716,8 @@ def _weights_finite(engine) -> bool:
     tensors = [getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else p.data
                for p in engine.module.parameters()]
     opt = engine.optimizer
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):
+    # ZeRO-1/2, ZeRO-3 and BF16_Optimizer (ZeRO-1 with bf16) name their fp32 master partitions differently
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
         tensors += list(getattr(opt, name, None) or [])
     return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None and t.numel())
 
