@@ -1,7 +1,7 @@
 """Data-path throughput: `prepare` on 1 vs N processes, and random vs sequential block reads.
 
-    python bench/bench_data.py                    # demo text x2 (~1.4M tokens), N = all CPUs
-    python bench/bench_data.py --repeat 1 --num-proc 2 --reads 100000
+    python -m bench.bench_data                    # demo text x2 (~1.4M tokens), N = all CPUs
+    python -m bench.bench_data --repeat 1 --num-proc 2 --reads 100000
 
 The corpus is the demo text (gensim's Wikipedia sample + Lee news) written `--repeat` times to a
 .jsonl file, tokenized with the MiniLM tokenizer at max_seq_len 512. Prints one JSON object:
@@ -18,8 +18,6 @@ import os
 import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def write_corpus(path: str, repeat: int) -> int:

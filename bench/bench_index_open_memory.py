@@ -1,7 +1,7 @@
 """Peak memory of opening a prepared dataset: the open-time index check, whole index vs in chunks.
 
-    python bench/bench_index_open_memory.py                                  # 20M blocks
-    python bench/bench_index_open_memory.py --blocks 100000000 --out bench/results/index_open_memory.json
+    python -m bench.bench_index_open_memory                                  # 20M blocks
+    python -m bench.bench_index_open_memory --blocks 100000000 --out bench/results/index_open_memory.json
 
 Why: every rank opens the index (`IndexedDataset`), and its consistency check used to build ~25 bytes
 of temporaries per block at once (int64 sizes, their offsets, the scaled offsets, comparison masks):
@@ -42,8 +42,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS_PER_DOCUMENT = 4
 
 
@@ -141,8 +140,8 @@ def child(prefix: str, case: str, mode: str) -> dict:
 
 
 def run_child(prefix: str, case: str, mode: str) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", prefix, "--case", case,
-                          "--mode", mode], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "bench.bench_index_open_memory", "--child", os.path.abspath(prefix),
+                          "--case", case, "--mode", mode], capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         raise SystemExit(f"{case}/{mode} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])

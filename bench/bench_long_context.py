@@ -26,9 +26,9 @@
    logits alone are 8,190 x 30,522 x 4 bytes = 1 GB without chunking). Reports s/step, the tokens of
    each step and the trainer's peak host memory (its own metric, peak RSS of the process).
 
-    python bench/bench_long_context.py kernels [--lengths 512 2048 8192] [--hidden 768 --heads 12]
-    python bench/bench_long_context.py train [--models modernbert bert] [--steps 3]
-    python bench/bench_long_context.py all --out bench/results/long_context_cpu.json
+    python -m bench.bench_long_context kernels [--lengths 512 2048 8192] [--hidden 768 --heads 12]
+    python -m bench.bench_long_context train [--models modernbert bert] [--steps 3]
+    python -m bench.bench_long_context all --out bench/results/long_context_cpu.json
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -220,8 +219,8 @@ def run_case(case: dict, threads: int, repeats: int = 1) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
     best = None
     for _ in range(repeats):
-        proc = subprocess.run([sys.executable, __file__, "kernels", "--case", json.dumps(case)], env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "bench.bench_long_context", "kernels", "--case", json.dumps(case)],
+                              env=env, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             lines = proc.stderr.strip().splitlines()
             return {**case, "error": lines[-1] if lines else f"rc {proc.returncode}"}

@@ -13,7 +13,7 @@ weights (`mp_rank_00_model_states.pt`) and the fp32 master weights + Adam's two 
 The manifest's cost is `manifest - no-hash` (the hash alone), as a share of `no-hash`; the cases take
 turns and the page cache is flushed (os.sync) before each, so writeback of one does not land in the next.
 Run:
-    python bench/bench_manifest.py [--dir /path/on/the/checkpoint/filesystem] [--repeats 3]
+    python -m bench.bench_manifest [--dir /path/on/the/checkpoint/filesystem] [--repeats 3]
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ above the memory allocated before the call. `output_mb` is the size of the [B, L
 itself, a floor for any method. Cases whose estimate (B x the measured B = 1 peak) exceeds
 --limit-gb are skipped with a note instead of run.
 
-    nice -n 5 python bench/bench_masks.py                 # the full table (CPU: a few minutes)
-    python bench/bench_masks.py --lengths 512 --batches 1 --no-decoder --out ''   # smoke run
+    nice -n 5 python -m bench.bench_masks                 # the full table (CPU: a few minutes)
+    python -m bench.bench_masks --lengths 512 --batches 1 --no-decoder --out ''   # smoke run
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -178,7 +177,7 @@ def run_case(spec: dict) -> dict:
 
 
 def spawn(spec: dict) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "bench.bench_masks", "--case", json.dumps(spec)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         return {"error": (done.stderr or done.stdout).strip().splitlines()[-1:]}

@@ -1,7 +1,7 @@
 """Benchmark the RetroMAE model code; prints one JSON object (ratios against baselines run in this process).
 
 1. Mask generation: tokens/s of the vectorised MaskGenerator (on --device) vs the per-sample Python
-   reference (tests/test_masking.py, on the CPU), at L = 128 and 512. Target: >= 100x at L = 512.
+   reference (scripts/masking_reference.py, on the CPU), at L = 128 and 512. Target: >= 100x at L = 512.
 2. Heads: training-step time and peak memory of a MiniLM-sized RetroMAE (hidden 384, 6 layers, 12
    heads, vocabulary 30,522) at L = 512 with naive heads (full B x L x V logits, stock
    cross-entropy) vs fast heads (logits only where labels exist) and fast + chunked heads.
@@ -9,9 +9,9 @@
    Peak memory: on CUDA torch.cuda.max_memory_allocated during the steps; on the CPU the steps' peak
    malloc'd bytes above those in use before them (model, optimizer state), sampled every 0.2 ms.
 
-    python bench/bench_model.py                      # CUDA if available, else CPU (small batch)
-    python bench/bench_model.py --device cpu --quick # smoke run
-Runs from a source checkout (it imports the test suite's Python reference).
+    python -m bench.bench_model                      # CUDA if available, else CPU (small batch)
+    python -m bench.bench_model --device cpu --quick # smoke run
+Runs from the root of a source checkout (it imports the Python reference from scripts/).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -102,7 +100,7 @@ def sync(device) -> None:
 
 def bench_masks(device, args, table, specials, candidates) -> dict:
     from retromae_ds.data.masking import MaskGenerator, collate_blocks, mask_rng
-    from tests.test_masking import reference_masks
+    from scripts.masking_reference import reference_masks
 
     gen = MaskGenerator(table, specials["cls"], specials["sep"], specials["pad"], specials["mask"], len(table),
                         specials["all"]).to(device)

@@ -3,7 +3,7 @@
 With the optimizer offloaded, the Adam step runs on the host over fp32 master weights; this is the step
 `zero3_offload.json` pays on every optimizer step. Both optimizers update the same BERT-base-sized
 flat fp32 buffers (one rank's share with --shards N); JSON on stdout with the ratio.
-    python bench/bench_offload_adam.py [--params 110e6] [--shards 1] [--repeats 5]
+    python -m bench.bench_offload_adam [--params 110e6] [--shards 1] [--repeats 5]
 DeepSpeedCPUAdam JIT-builds on first use (~80 s; cached under TORCH_EXTENSIONS_DIR).
 """
 

@@ -6,10 +6,10 @@ engine.step()` loop over pre-built batches is the per-step host work the trainer
 drawing masks, setting the LR, the flags it agrees on, logging. On a GPU this host work must stay far
 below the model's step time (BERT-base at L=512 and 40% MFU is ~30 ms per step) for the device to stay busy.
 
-    python bench/bench_overhead.py [--steps 60] [--log-interval 10]      # prints JSON
+    python -m bench.bench_overhead [--steps 60] [--log-interval 10]      # prints JSON
 
 On a GPU (bench/gpu_check.sh) the same comparison runs on a real model and prepared data:
-    python bench/bench_overhead.py --data PREFIX --tokenizer DIR --model-config DIR --seq-len 512 \
+    python -m bench.bench_overhead --data PREFIX --tokenizer DIR --model-config DIR --seq-len 512 \
         --micro-batch 32 --precision bf16 --deepspeed zero1 --profile-steps 30-32
 
 Both run in ONE process, one after the other, on the same prepared data (the demo corpus format, built
@@ -24,12 +24,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -144,6 +142,8 @@ def bare_loop(cfg, prefix: str, tok: str, args) -> float:
     from retromae_ds.data.sampler import GlobalBatchSampler
     from retromae_ds.engine.build import build_model, param_groups
 
+    # TODO(lead): use Trainer setup -- the tokenizer, model, DeepSpeed config and engine, data, masker and
+    # sampler below rebuild by hand what the trainer's setup builds; take them from `Trainer.setup()`.
     tokenizer = AutoTokenizer.from_pretrained(tok)
     model = build_model(cfg, tokenizer)
     ds = C.resolve_deepspeed_config(C.load_deepspeed_json(args.deepspeed), cfg, world_size=1, precision=args.precision)

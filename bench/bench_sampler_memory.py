@@ -1,7 +1,7 @@
 """Host memory of the sample order at scale: GlobalBatchSampler and BlendedDataset at 100M blocks.
 
-    python bench/bench_sampler_memory.py                       # 100M blocks, all cases
-    python bench/bench_sampler_memory.py --blocks 1000000 --case blend
+    python -m bench.bench_sampler_memory                       # 100M blocks, all cases
+    python -m bench.bench_sampler_memory --blocks 1000000 --case blend
 
 Why: every rank builds the sample order itself, so its arrays are paid once per GPU process; at
 hundreds of millions of blocks they decide whether a node's host RAM suffices. Each case runs in a
@@ -33,8 +33,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLOBAL_BATCH = 1024
 
 
@@ -119,8 +118,8 @@ def main() -> int:
     cases = ("sampler", "blend") if args.case == "all" else (args.case,)
     results = {}
     for case in cases:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", "--case", case,
-                              "--blocks", str(args.blocks)], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "bench.bench_sampler_memory", "--child", "--case", case,
+                              "--blocks", str(args.blocks)], capture_output=True, text=True, cwd=ROOT)
         if out.returncode:
             results[case] = {"error": out.stderr.strip().splitlines()[-1:] or [f"exit {out.returncode}"]}
         else:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (one H100/H200, < 8 minutes; every section has its own time limit). Writes $OUT/gpu_check.json,
 # $OUT/gpu_check.md (the README tables) and $OUT/logs.txt (the end of every log); the parts:
-#  0. syncs_cuda.json: would-be host-device syncs per training step on CUDA (bench/count_syncs.py: the
+#  0. syncs_cuda.json: would-be host-device syncs per training step on CUDA (scripts/count_syncs.py: the
 #     dispatcher watch plus torch.cuda.set_sync_debug_mode("warn")); steps without logging must show
 #     none from retromae_ds or transformers, only DeepSpeed's optimizer-step checks;
 #  1. overhead_*.json: the trainer (launch/pretrain.py's loop: prepared data, loader thread, masks on the
@@ -24,8 +24,8 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 MICRO_BATCH="${MICRO_BATCH:-32}"; SEQ_LEN="${SEQ_LEN:-512}"; STEPS="${STEPS:-10}"
 TOK="${TOKENIZER:-.gpu/tokenizer}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$WORK/gpu.txt"
-python3 bench/make_synthetic_data.py --tokenizer "$TOK" --output "$WORK/synth/data" --blocks 4096 --seq-len 512
-python3 bench/make_synthetic_data.py --tokenizer "$TOK" --output "$WORK/synth128/data" --blocks 8192 --seq-len 128
+python3 -m scripts.make_synthetic_data --tokenizer "$TOK" --output "$WORK/synth/data" --blocks 4096 --seq-len 512
+python3 -m scripts.make_synthetic_data --tokenizer "$TOK" --output "$WORK/synth128/data" --blocks 8192 --seq-len 128
 mkdir -p "$WORK/bert_base" "$WORK/tiny"
 cat > "$WORK/bert_base/config.json" <<JSON
 {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 768,
@@ -39,7 +39,7 @@ cat > "$WORK/tiny/config.json" <<JSON
 JSON
 
 echo "== 0. host-device syncs per step on CUDA" >&2
-timeout 60 python3 bench/count_syncs.py -- --data "$WORK/synth128/data" --model-config "$WORK/tiny" --tokenizer "$TOK" \
+timeout 60 python3 -m scripts.count_syncs -- --data "$WORK/synth128/data" --model-config "$WORK/tiny" --tokenizer "$TOK" \
   --micro-batch-size 8 --grad-accum 2 --precision bf16 --deepspeed zero2 --save-interval 0 --eval-heldout-docs 0 \
   --no-export --output-dir "$WORK/syncs_run" > "$WORK/syncs.log" 2>&1
 sed -n '/^{/,$p' "$WORK/syncs.log" > "$WORK/syncs_cuda.json"; python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print('syncs/step without logging', d['by_package_without_logging'])" "$WORK/syncs_cuda.json" >&2
@@ -47,21 +47,21 @@ sed -n '/^{/,$p' "$WORK/syncs.log" > "$WORK/syncs_cuda.json"; python3 -c "import
 echo "== 1. trainer vs bare loop (BERT-base, bf16)" >&2
 for spec in "zero1 512 32 synth 80" "zero2 512 32 synth 80" "zero1 128 128 synth128 60"; do
   set -- $spec
-  timeout "$5" python3 bench/bench_overhead.py --data "$WORK/$4/data" --tokenizer "$TOK" --model-config "$WORK/bert_base" \
+  timeout "$5" python3 -m bench.bench_overhead --data "$WORK/$4/data" --tokenizer "$TOK" --model-config "$WORK/bert_base" \
     --seq-len "$2" --micro-batch "$3" --precision bf16 --deepspeed "$1" --steps 50 --log-interval 10 \
     --profile-steps 32-34 --out "$WORK/overhead_$1_L$2.json" > "$WORK/overhead_$1_L$2.log" 2>&1
   echo "overhead $spec exit $?" >&2
 done
 
 echo "== 2. step throughput matrix + batch sizes" >&2
-timeout 100 python3 bench/bench_train.py --preset bert-base --seq-len "$SEQ_LEN" --micro-batch "$MICRO_BATCH" \
+timeout 100 python3 -m bench.bench_train --preset bert-base --seq-len "$SEQ_LEN" --micro-batch "$MICRO_BATCH" \
   --steps "$STEPS" --warmup 3 \
   --settings z2-bf16,z1-bf16,z1-bf16-mb64,z1-bf16-mb128,z1-bf16-ac-mb128,z2-bf16-bf16grads,z3-bf16,z1-bf16-compile \
   --out "$WORK/gpu_check.json" > "$WORK/bench_train.log" 2>&1
 echo "bench_train exit $?" >&2; grep -v "^\[20" "$WORK/bench_train.log" | tail -n 5 >&2
 
 echo "== 2b. long context: BERT-base shape at L = 8,192 (8,192 positions), bf16, activation checkpointing" >&2
-timeout 30 python3 bench/bench_train.py --preset bert-base --seq-len 8192 --micro-batch 1 --steps 5 --warmup 2 \
+timeout 30 python3 -m bench.bench_train --preset bert-base --seq-len 8192 --micro-batch 1 --steps 5 --warmup 2 \
   --settings z2-bf16-ac --out "$WORK/long_context.json" > "$WORK/long_context.log" 2>&1
 echo "long context exit $?" >&2
 

@@ -1,13 +1,13 @@
 """RetroMAE vs MLM (vs DupMAE): same encoder init, same data, same steps, several seeds, with 95% CIs.
 
     # from a pretrained encoder (the bundled MiniLM; its missing MLM head is initialised from the seed)
-    OMP_NUM_THREADS=2 python bench/ablation.py --model MINILM --objectives retromae mlm --seeds 1 2 3 4 \\
-        --steps 100 --lr 1e-4 --out-dir runs/ablation_minilm --json bench/results/ablation_minilm.json \\
-        --png bench/results/curves_minilm.png
+    OMP_NUM_THREADS=2 python -m experiments.ablation --model MINILM --objectives retromae mlm --seeds 1 2 3 4 \\
+        --steps 100 --lr 1e-4 --out-dir runs/ablation_minilm --json experiments/results/ablation_minilm.json \\
+        --png experiments/results/curves_minilm.png
     # from random init (--hidden/--layers/--heads), the original tiny-scale ablation
-    OMP_NUM_THREADS=2 python bench/ablation.py --objectives retromae mlm dupmae --seeds 1 2 3 --steps 150 ...
+    OMP_NUM_THREADS=2 python -m experiments.ablation --objectives retromae mlm dupmae --seeds 1 2 3 --steps 150 ...
     # GPU preset (one ~8-minute call on an H100/H200): MiniLM, 3 seeds x 1,200 steps x 32 blocks
-    python bench/ablation.py --preset gpu
+    python -m experiments.ablation --preset gpu
 
 For each (seed, objective) it runs `launch/pretrain.py` (one process, one after the other), evaluating
 every --eval-interval steps (Lee similarity + held-out retrieval, see retromae_ds/evaluate.py). The seed
@@ -27,7 +27,7 @@ over resampled seeds of the per-seed difference on the resampled items. "separat
 excludes 0. The training encoder MLM loss has no item level: it gets a t-interval over seeds.
 
 Each run goes to OUT_DIR/<objective>_seed<seed> (log in run.log); a finished run there is reused with
---reuse. Writes the JSON report, a markdown report (--md) and the curves (bench/plot_curves.py).
+--reuse. Writes the JSON report, a markdown report (--md) and the curves (experiments/plot_curves.py).
 """
 
 from __future__ import annotations
@@ -552,9 +552,9 @@ GPU_PRESET = ["--objectives", "retromae", "mlm", "--seeds", "1", "2", "3", "--st
               "--micro-batch", "32", "--lr", "1e-4", "--eval-interval", "300", "--log-interval", "20",
               "--heldout-docs", "125", "--eval-max-length", "128", "--ds-config", "zero2.json",
               "--out-dir", str(REPO / "runs" / "ablation_gpu"),
-              "--json", str(REPO / "bench" / "results" / "ablation_gpu.json"),
-              "--md", str(REPO / "bench" / "results" / "ablation_gpu_tables.md"),
-              "--png", str(REPO / "bench" / "results" / "curves_gpu.png")]
+              "--json", str(REPO / "experiments" / "results" / "ablation_gpu.json"),
+              "--md", str(REPO / "experiments" / "results" / "ablation_gpu_tables.md"),
+              "--png", str(REPO / "experiments" / "results" / "curves_gpu.png")]
 # BERT-base-sized from random init instead: --preset gpu --no-model --hidden 768 --layers 12 --heads 12
 #   --lr 3e-4 (nothing learns a sentence embedding that fast from scratch; the MiniLM preset is the test).
 
@@ -613,7 +613,6 @@ def main(argv=None) -> int:
     md_path = Path(args.md) if args.md else out_root / "ablation_tables.md"
     png = None if args.png == "none" else Path(args.png) if args.png else out_root / "curves.png"
 
-    sys.path.insert(0, str(REPO))
     from retromae_ds.engine.build import minilm_path
 
     if args.preset == "gpu" and not args.model and not args.no_model:
@@ -667,7 +666,7 @@ def main(argv=None) -> int:
     ci_table = intervals_table(ivals)
     final_table = final_eval_table(items, args.objectives)
     report = {
-        "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "2") + " python bench/ablation.py "
+        "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "2") + " python -m experiments.ablation "
                    + " ".join(argv),
         "hardware": hardware(), "wall_s": round(total, 1), "run_wall_s": walls,
         "reused_runs": [name for name, wall in walls.items() if wall is None], "note": args.note,
@@ -695,8 +694,7 @@ def main(argv=None) -> int:
     start = f"from {model_name}" if args.model else \
         f"{args.hidden}-d, {args.layers}-layer BERT from scratch"
     if png is not None:
-        sys.path.insert(0, str(REPO / "bench"))
-        from plot_curves import plot_curves
+        from experiments.plot_curves import plot_curves
 
         plot_curves(run_dirs, png, title=f"{start} on {Path(args.data).name}, {args.steps} steps x "
                                          f"{args.micro_batch}; mean over seeds {args.seeds}, shaded min-max"

@@ -1,8 +1,8 @@
 """Loss and evaluation curves of an ablation, read from the runs' TensorBoard event files.
 
-    python bench/plot_curves.py runs/ablation --out bench/results/curves.png
+    python -m experiments.plot_curves runs/ablation --out experiments/results/curves.png
 
-RUNS_DIR holds one output folder per run, named `<objective>_seed<seed>` (what bench/ablation.py
+RUNS_DIR holds one output folder per run, named `<objective>_seed<seed>` (what experiments/ablation.py
 writes). Each panel draws one line per objective: the mean over seeds, with the seeds' min-max range
 shaded. We read TensorBoard rather than metrics.jsonl because the README promises curves "from the
 TensorBoard logs": this shows the events a user opens in TensorBoard hold what the table says.

@@ -1,19 +1,24 @@
-"""Run a benchmark script from the repository's bench/ folder (prints JSON).
+"""Run a benchmark from the repository's bench/ folder (prints JSON).
 
-    retromae-ds bench data        # bench/bench_data.py
-    retromae-ds bench model       # bench/bench_model.py
+    retromae-ds bench data        # python -m bench.bench_data, from the checkout's root
+    retromae-ds bench model       # python -m bench.bench_model
+
+Benchmarks are modules of the checkout (bench/, scripts/), not of the package: they run with the
+checkout's root as the working directory and on the import path, as `python -m` from there would.
 """
 
 from __future__ import annotations
 
 import argparse
-import runpy
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 from retromae_ds.errors import UserError
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "bench"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +32,5 @@ def main(args: argparse.Namespace) -> int:
         found = sorted(p.stem.removeprefix("bench_") for p in BENCH_DIR.glob("bench_*.py"))
         raise UserError(f"no benchmark {args.name!r} in {BENCH_DIR} (available: {', '.join(found) or 'none'}; "
                         f"benchmarks run from a source checkout).")
-    sys.argv = [str(script)] + list(args.rest)
-    runpy.run_path(str(script), run_name="__main__")
-    return 0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    return subprocess.call([sys.executable, "-m", f"bench.bench_{args.name}", *args.rest], cwd=ROOT, env=env)

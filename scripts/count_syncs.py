@@ -1,8 +1,8 @@
 """Count the operations that would make the host wait for a GPU, per training step (CPU is enough).
 
-    python bench/count_syncs.py [--tree DIR] [--steps 8] -- TRAINER FLAGS...      # prints JSON
+    python -m scripts.count_syncs [--tree DIR] [--steps 8] -- TRAINER FLAGS...      # prints JSON
 
-Runs the trainer in this process for the given flags with tests/sync_watch.py recording, per step
+Runs the trainer in this process for the given flags with scripts/sync_watch.py recording, per step
 (one `next_global_batch` to the next: the step's logging included), every would-be sync and the
 package whose code asked for it (retromae_ds, transformers, deepspeed). The mask generator takes its
 accelerator path. `--tree` runs another checkout of retromae_ds (e.g. a `git worktree` of an older
@@ -13,11 +13,26 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib.machinery
+import importlib.util
 import json
 import os
 import sys
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def import_package_from(tree: str) -> None:
+    """Import `retromae_ds` from TREE (its submodules then follow the package's own path), whatever
+    copy sys.path would find: --tree swaps the package under test, the watch stays this checkout's."""
+    if "retromae_ds" in sys.modules:
+        raise SystemExit("count_syncs: retromae_ds was imported before --tree could choose it")
+    spec = importlib.machinery.PathFinder.find_spec("retromae_ds", [tree])
+    if spec is None:
+        raise SystemExit(f"count_syncs: no retromae_ds package in {tree}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["retromae_ds"] = module
+    spec.loader.exec_module(module)
 
 
 def main() -> int:
@@ -28,15 +43,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=8, help="steps recorded")
     ap.add_argument("--log-interval", type=int, default=4, help="passed to the trainer too")
     args = ap.parse_args(argv[:split])
-    sys.path.insert(0, os.path.abspath(args.tree))
-    sys.path.insert(1, os.path.join(HERE, "tests"))
-    import sync_watch
-
+    import_package_from(os.path.abspath(args.tree))
     from retromae_ds.data.masking import MaskGenerator
     from retromae_ds.data.sampler import GlobalBatchSampler
+    from scripts.sync_watch import SyncWatch
 
     MaskGenerator.sync_free = True
-    watch = sync_watch.SyncWatch(cuda_debug=True)
+    watch = SyncWatch(cuda_debug=True)
     original, peeking = GlobalBatchSampler.next_global_batch, [False]
     if hasattr(GlobalBatchSampler, "peek_global_batch"):  # peeking calls next_global_batch: not a new step
         original_peek = GlobalBatchSampler.peek_global_batch

@@ -3,13 +3,12 @@
 Why: GPU checks and benchmarks need data of exactly the shape being measured, on machines that may not
 have the `datasets` library or a corpus. The ids are random word pieces from the given tokenizer's
 vocabulary, so the tokenizer check at training time still applies.
+
+    python -m scripts.make_synthetic_data --tokenizer DIR --output PREFIX [--blocks 4096] [--seq-len 512]
 """
 
 import argparse
-import os
 import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main() -> int:

@@ -3,7 +3,8 @@
 `retromae_ds.data.masking.MaskGenerator` draws the same distribution with batched torch ops; this
 module spells it out with plain loops over samples, words and decoder rows so that tests can compare
 the two statistically and structurally, and `bench/bench_model.py` can time the speed-up. It lives in
-tests/ on purpose: nothing in the package depends on it.
+scripts/ on purpose: nothing in the package depends on it (so the wheel leaves it out), and a benchmark
+importing it imports no test module.
 
 Semantics (see shared/notes/retromae-semantics.md): a sample is [CLS] t1..tn [SEP]; a whole-word draw
 with ratio p covers at most max(1, round((n + 2) * p)) tokens, visiting the words in random order and

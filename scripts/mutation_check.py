@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Plant one-line bugs in a copy of the project and check that the relevant tests fail on each.
 
-    python bench/mutation_check.py                  # baseline + every mutation (~15-25 min on 2 cores)
-    python bench/mutation_check.py --list           # the mutations and the tests each one must fail
-    python bench/mutation_check.py --only reshard-no-weights sigterm-skips-a-batch --no-baseline
-    python bench/mutation_check.py --source /tmp/head   # a `git archive HEAD` export instead of the checkout
+    python -m scripts.mutation_check                  # baseline + every mutation (~15-25 min on 2 cores)
+    python -m scripts.mutation_check --list           # the mutations and the tests each one must fail
+    python -m scripts.mutation_check --only reshard-no-weights sigterm-skips-a-batch --no-baseline
+    python -m scripts.mutation_check --source /tmp/head   # a `git archive HEAD` export instead of the checkout
 
 How: the working tree (without .git, runs/, data/, caches) is copied to a temporary folder once. The
 baseline runs every selected mutation's tests on the unmodified copy: they must pass, else a "caught"

@@ -20,7 +20,7 @@ RETROMAE_TEST_PROBE_INIT=1 also saves the module's state dict as handed to deeps
 RETROMAE_TEST_SIGTERM_AFTER=K sends SIGTERM to this process group during optimizer step K of this
 process (counted from 1 after any resume): the trainer's own signal path, at a deterministic step.
 RETROMAE_TEST_SYNCS=N records the operations that would make the host wait for a GPU
-(tests/sync_watch.py) during steps 1..N, per step, into the probe's "syncs": a step is the time from
+(scripts/sync_watch.py) during steps 1..N, per step, into the probe's "syncs": a step is the time from
 one `next_global_batch` call to the next, so it includes that step's logging. The mask generator
 takes its accelerator path (fixed greedy rounds), as it would on a GPU.
 RETROMAE_TEST_PROBE_MASTERS=1 (with RETROMAE_TEST_PROBE=DIR): at the first call of `engine.step` in
@@ -148,10 +148,11 @@ def _install() -> None:
         }
         sigterm_after = int(os.environ.get("RETROMAE_TEST_SIGTERM_AFTER", "0"))
         original_step = engine.step
+        masters_saved = []  # RETROMAE_TEST_PROBE_MASTERS: once, at the first call
 
         def step(*a, **kw):
-            if PROBE_MASTERS and not RECORD.get("masters_saved"):
-                RECORD["masters_saved"] = True
+            if PROBE_MASTERS and not masters_saved:
+                masters_saved.append(True)
                 _save_masters(engine)
             boundary = engine.is_gradient_accumulation_boundary()
             if boundary:
@@ -288,7 +289,7 @@ def _install_independent_hooks() -> None:
 def _watch_syncs() -> None:
     from retromae_ds.data.masking import MaskGenerator
     from retromae_ds.data.sampler import GlobalBatchSampler
-    from tests.sync_watch import SyncWatch
+    from scripts.sync_watch import SyncWatch
 
     MaskGenerator.sync_free = True
     watch = SyncWatch(cuda_debug=True)

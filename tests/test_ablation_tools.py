@@ -1,9 +1,8 @@
-"""The table and plot helpers of bench/ablation.py and bench/plot_curves.py, on fabricated
-metrics.jsonl files and TensorBoard events (no training here: the ablation itself is a bench run)."""
+"""The table and plot helpers of experiments/ablation.py and experiments/plot_curves.py, on fabricated
+metrics.jsonl files and TensorBoard events (no training here: the ablation itself is an experiment run)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
@@ -11,18 +10,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ablation = _load("ablation")
-plot_curves = _load("plot_curves")
+from experiments import ablation, plot_curves
 
 
 def fake_run(folder: Path, *, init: float, final: float, enc_loss: float, steps: int = 20,

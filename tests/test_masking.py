@@ -1,6 +1,6 @@
 """Masks generated on the device: structure, whole words for every tokenizer family, ratios, 80/10/10,
 determinism, and the same distribution as the plain per-sample Python reference in
-tests/masking_reference.py (re-exported here for bench/bench_model.py; deliberately not in the package)."""
+scripts/masking_reference.py (shared with bench/bench_model.py, which times it; deliberately not in the package)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from retromae_ds.data.masking import (BYTE_LEVEL_BPE, MAX_WORD_TOKENS, SENTENCEPIECE, WORD_LEVEL, WORDPIECE,
                                       MaskGenerator, collate_blocks, continuation_table, draw_whole_words, mask_rng,
                                       tokenizer_family, word_break_table)
+from scripts.masking_reference import reference_draw, reference_masks, reference_words
 from tests.conftest import lee_articles
-from tests.masking_reference import reference_draw, reference_masks, reference_words  # noqa: F401 (re-export)
 
 # --------------------------------------------------------------------------------------------------
 # Synthetic vocabulary: ids 5..49 start words, 50..99 continue them

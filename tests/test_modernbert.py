@@ -23,8 +23,8 @@ from retromae_ds.data.masking import (MaskGenerator, collate_blocks, continuatio
 from retromae_ds.errors import UserError
 from retromae_ds.model.positions import RotaryEmbedding, rope_settings
 from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
+from scripts.sync_watch import TORCH_DIR, SyncWatch
 from tests import engine_runs as R
-from tests.sync_watch import TORCH_DIR, SyncWatch
 from tests.test_masking import VOCAB, _device_word_numbers
 from tests.test_model import decoder_loss_after_training, grads, synthetic_batch, tiny_bert
 

@@ -1,7 +1,7 @@
 """The training step never makes the host wait for the device, outside logging (issue 9).
 
 On a GPU each host-device sync drains the queue, so the host's Python stops running ahead of the
-device. The trainer is run for a few steps with tests/sync_watch.py recording every operation that
+device. The trainer is run for a few steps with scripts/sync_watch.py recording every operation that
 would sync on a GPU (on the CPU via torch's dispatcher; on a GPU also torch's own sync detector), per
 step, with the code that called it. Asserted:
 
