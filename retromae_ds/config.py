@@ -100,12 +100,6 @@ class TrainConfig:
     # dies without its launcher stopping the others, is reported only after this long.
     dist_timeout: str = _f("60m", "how long a collective waits for the slowest rank before the job fails, e.g. 60m, "
                                   "2h, 3600 (seconds); covers rank 0 reading a 56 GB checkpoint twice at 50 MB/s")
-    # Test hook, hidden from --help: make the loss non-finite at these steps.
-    inject_nonfinite_steps: list = _f([], argparse.SUPPRESS)
-    # ... only in this micro-batch of those steps (-1 = every micro-batch).
-    inject_nonfinite_micro: int = _f(-1, argparse.SUPPRESS)
-    # Test hook: SIGTERM this process right after the interval save of this step.
-    inject_signal_at_save: int = _f(0, argparse.SUPPRESS)
 
     # Names the user set explicitly (YAML or CLI); not a flag.
     explicit: set = field(default_factory=set, metadata={"internal": True})
@@ -136,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         elif isinstance(default, list):
             kw["nargs"] = "+"
-            kw["type"] = float if f.name == "data_weights" else (int if f.name == "inject_nonfinite_steps" else str)
+            kw["type"] = float if f.name == "data_weights" else str
         else:
             kw["type"] = type(default)
         if "choices" in f.metadata:

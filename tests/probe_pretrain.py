@@ -44,6 +44,11 @@ RETROMAE_TEST_FAIL_ON_RANK0=consolidate|export: on rank 0 only, the consolidatio
 `deepspeed.utils.zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint`, also where another module of
 retromae_ds imported them by name) or the export (`retromae_ds.engine.export.export_checkpoint`, likewise)
 raises RuntimeError("injected failure on rank 0").
+RETROMAE_TEST_NONFINITE_STEPS=S1,S2,...: the training loss is NaN at these steps (the trainer's step
+counter before the step, 0-based), in every micro-batch or, with RETROMAE_TEST_NONFINITE_MICRO=K, only in
+micro-batch K of the step: what a bad batch or an overflow does, at a deterministic place.
+RETROMAE_TEST_SIGTERM_AT_SAVE=N: SIGTERM this process right after the interval checkpoint of step N is
+saved (a signal that arrives during a save).
 RETROMAE_TEST_RECOVERY_COPY_FAILS=1: on rank 0, DeepSpeed's copy of zero_to_fp32.py into each checkpoint
 (`shutil.copyfile` as deepspeed.runtime.engine imported it) raises ENOSPC, as on a disk that filled up
 after the optimizer files were written.
@@ -67,6 +72,9 @@ FP16_ON_CPU = bool(os.environ.get("RETROMAE_TEST_FP16_ON_CPU"))
 HIDE_SAVED_FILES_RANK = os.environ.get("RETROMAE_TEST_HIDE_SAVED_FILES_RANK", "")
 FAIL_ON_RANK0 = os.environ.get("RETROMAE_TEST_FAIL_ON_RANK0", "")
 RECOVERY_COPY_FAILS = bool(os.environ.get("RETROMAE_TEST_RECOVERY_COPY_FAILS"))
+NONFINITE_STEPS = {int(s) for s in os.environ.get("RETROMAE_TEST_NONFINITE_STEPS", "").split(",") if s}
+NONFINITE_MICRO = int(os.environ.get("RETROMAE_TEST_NONFINITE_MICRO", "-1"))
+SIGTERM_AT_SAVE = int(os.environ.get("RETROMAE_TEST_SIGTERM_AT_SAVE", "0"))
 INJECTED_FAILURE = "injected failure on rank 0"
 
 
@@ -275,6 +283,47 @@ def _recovery_copy_fails() -> None:
     ds_engine.copyfile = copyfile
 
 
+def _nonfinite_losses() -> None:
+    """RETROMAE_TEST_NONFINITE_STEPS / _MICRO: the model's training loss becomes NaN at those steps."""
+    import torch
+
+    from retromae_ds.engine.trainer import Trainer
+    from retromae_ds.model.retromae import RetroMAEForPretraining
+
+    where = {"step": -1, "micro": 0}
+    original_step, original_forward = Trainer.train_step, RetroMAEForPretraining.forward
+
+    def train_step(self):
+        where["step"], where["micro"] = self.state.step, 0
+        return original_step(self)
+
+    def forward(self, *args, **kwargs):
+        out = original_forward(self, *args, **kwargs)
+        if self.training and torch.is_grad_enabled():  # a training micro-batch, not an evaluation
+            if where["step"] in NONFINITE_STEPS and NONFINITE_MICRO in (-1, where["micro"]):
+                out.loss = out.loss * float("nan")
+            where["micro"] += 1
+        return out
+
+    Trainer.train_step = train_step
+    RetroMAEForPretraining.forward = forward
+
+
+def _sigterm_at_save(step: int) -> None:
+    """RETROMAE_TEST_SIGTERM_AT_SAVE: a SIGTERM right after the interval save of `step`."""
+    from retromae_ds.engine.checkpointer import Checkpointer
+
+    original_save = Checkpointer.save
+
+    def save(self, at_step, reason, *args, **kwargs):
+        path = original_save(self, at_step, reason, *args, **kwargs)
+        if at_step == step and reason == "interval":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    Checkpointer.save = save
+
+
 def _install_independent_hooks() -> None:
     if FP16_ON_CPU:
         _fp16_on_cpu()
@@ -284,6 +333,10 @@ def _install_independent_hooks() -> None:
         _fail_on_rank0(FAIL_ON_RANK0)
     if RECOVERY_COPY_FAILS:
         _recovery_copy_fails()
+    if NONFINITE_STEPS:
+        _nonfinite_losses()
+    if SIGTERM_AT_SAVE:
+        _sigterm_at_save(SIGTERM_AT_SAVE)
 
 
 def _watch_syncs() -> None:

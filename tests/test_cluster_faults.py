@@ -78,9 +78,9 @@ def test_fp16_loss_scale_search_is_not_a_nonfinite_stop_but_nan_losses_are(lee, 
     steps, nan_from = 7, 5
     out, res = launch(lee, "fp16_search", 2,
                       ["--deepspeed", str(config), "--precision", "fp16", "--max-steps", str(steps),
-                       "--max-nonfinite-steps", "3", "--save-interval", "0", "--no-export",
-                       "--inject-nonfinite-steps", *[str(s) for s in range(nan_from - 1, steps)]],
-                      env={"RETROMAE_TEST_FP16_ON_CPU": "1"})
+                       "--max-nonfinite-steps", "3", "--save-interval", "0", "--no-export"],
+                      env={"RETROMAE_TEST_FP16_ON_CPU": "1",
+                           "RETROMAE_TEST_NONFINITE_STEPS": ",".join(str(s) for s in range(nan_from - 1, steps))})
     rows = {m["step"]: m for m in R.metrics(out)}
     # the first 4 steps were overflow skips (finite losses): counted apart, they stop nothing
     assert rows[nan_from - 1]["loss_scale_skips"] == nan_from - 1 and rows[nan_from - 1]["skipped_steps"] == 0, rows
@@ -154,7 +154,7 @@ class _Engine:
 @pytest.mark.parametrize("masters", ["single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
                                      "fp32_groups_flat_partition"])
 def test_the_finite_check_reads_every_kind_of_fp32_master(masters):
-    from retromae_ds.engine.trainer import _weights_finite
+    from retromae_ds.engine.checkpointer import _weights_finite
 
     class Opt:
         pass

@@ -121,17 +121,17 @@ import json, os, sys
 import torch.distributed as dist
 from pathlib import Path
 from retromae_ds.config import TrainConfig
-from retromae_ds.engine.distributed import DistInfo, all_gather_object, broadcast_object
-from retromae_ds.engine.trainer import Trainer
+from retromae_ds.engine.distributed import DistInfo
+from retromae_ds.engine.checkpointer import Checkpointer
 from retromae_ds.errors import UserError
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo")
-trainer = Trainer(TrainConfig(resume=sys.argv[rank + 1]))
-trainer.dist = DistInfo(rank=rank, world_size=2, local_rank=rank, local_world_size=2, device=None, device_type="cpu")
+info = DistInfo(rank=rank, world_size=2, local_rank=rank, local_world_size=2, device=None, device_type="cpu")
+checkpointer = Checkpointer(TrainConfig(resume=sys.argv[rank + 1]), info, Path(sys.argv[3 + rank]))
 result = {"path": None, "error": None}
 try:
-    path = trainer._agree_on_resume(Path(sys.argv[3 + rank]), broadcast_object, all_gather_object)
-    result["path"] = str(path) if path else None
+    point = checkpointer.find_resume()
+    result["path"] = str(point.path) if point else None
 except UserError as err:
     result["error"] = str(err)
 Path(sys.argv[5 + rank]).write_text(json.dumps(result))
@@ -181,9 +181,9 @@ def test_bf16_nan_in_one_micro_batch_is_skipped_and_never_pruned_past(setup):
     out = setup["root"] / "bf16_nan"
     args = setup["base"] + COMMON + ["--output-dir", str(out), "--precision", "bf16", "--grad-accum", "2",
                                      "--max-steps", "12", "--save-interval", "1", "--keep-last", "1",
-                                     "--inject-nonfinite-steps", "2", "3", "4", "--inject-nonfinite-micro", "0",
                                      "--max-nonfinite-steps", "3"]
-    res = R.run("python", 1, args, setup["root"] / "bf16_nan.log")
+    res = R.run("python", 1, args, setup["root"] / "bf16_nan.log", script=R.PROBE,
+                env={"RETROMAE_TEST_NONFINITE_STEPS": "2,3,4", "RETROMAE_TEST_NONFINITE_MICRO": "0"})
     assert res.returncode == 3, res.stdout[-4000:]
     rows = {r["step"]: r for r in R.metrics(out)}
     assert rows[2]["skipped_steps"] == 0 and rows[3]["skipped_steps"] == 1 and rows[5]["skipped_steps"] == 3
@@ -224,9 +224,9 @@ def test_epochs_run_resumed_with_another_world_size_keeps_its_schedule_and_end(s
 
 def test_a_signal_during_a_save_stops_right_after_it(setup):
     out = setup["root"] / "sig_in_save"
-    args = setup["base"] + COMMON + ["--output-dir", str(out), "--max-steps", "40", "--save-interval", "2",
-                                     "--inject-signal-at-save", "4"]
-    res = R.run("python", 1, args, setup["root"] / "sig_in_save.log")
+    args = setup["base"] + COMMON + ["--output-dir", str(out), "--max-steps", "40", "--save-interval", "2"]
+    res = R.run("python", 1, args, setup["root"] / "sig_in_save.log", script=R.PROBE,
+                env={"RETROMAE_TEST_SIGTERM_AT_SAVE": "4"})
     assert res.returncode == 0, res.stdout[-4000:]
     assert "stopped on signal at step 4/40" in res.stdout
     assert [p.name for p in ck.complete_checkpoints(out)] == ["step_00000002", "step_00000004"]
