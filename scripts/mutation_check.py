@@ -35,6 +35,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 E = "tests/test_engine.py::"
+M = "tests/test_config_matrix.py::"
+F = "tests/test_cluster_faults.py::"
 
 
 @dataclass
@@ -48,7 +50,7 @@ class Mutation:
 
 
 MUTATIONS = [
-    Mutation("reshard-no-weights", "retromae_ds/engine/trainer.py",
+    Mutation("reshard-no-weights", "retromae_ds/engine/checkpointer.py",
              "model.load_state_dict(state, strict=True)", "pass",
              [E + "test_resume_with_a_different_world_size_continues_the_weights_and_the_data"],
              "resume with another world size does not load the consolidated weights (back to init)"),
@@ -85,24 +87,25 @@ MUTATIONS = [
               E + "test_dupmae_continues_from_the_export_with_its_decoder"],
              "export writes the encoder (MLM model) only, no decoder state, to EXPORT/retromae"),
     Mutation("sigterm-skips-a-batch", "retromae_ds/engine/trainer.py",
-             "if got_signal or out_of_time:",
-             "if (got_signal or out_of_time) and sampler.next_global_batch(global_batch) is not None:",
+             "if stop:\n                    reason = stop",
+             "if stop and self.sampler.next_global_batch(self.global_batch) is not None:\n                    reason = stop",
              [E + "test_sigterm_saves_and_exits_zero_then_the_same_command_continues_bit_for_bit"],
              "a stop on SIGTERM / time budget saves a sampler position one batch ahead"),
     Mutation("stop-saves-previous-step", "retromae_ds/engine/trainer.py",
-             "path = save(step, reason)", "path = save(step - 1, reason)",
+             "return self.checkpointer.save(self.state.step, reason,",
+             "return self.checkpointer.save(self.state.step - 1, reason,",
              [E + "test_sigterm_saves_and_exits_zero_then_the_same_command_continues_bit_for_bit"],
-             "the final / stop checkpoint is tagged one step early"),
+             "checkpoints (the stop checkpoint among them) are tagged one step early"),
     Mutation("time-budget-ignored", "retromae_ds/engine/trainer.py",
-             "budget = config_mod.parse_time_budget(cfg.time_budget)", "budget = None",
+             "self.budget = config_mod.parse_time_budget(cfg.time_budget)", "self.budget = None",
              [E + "test_time_budget_stops_with_a_checkpoint_and_exit_0"],
              "--time-budget never stops the run"),
     Mutation("grad-scaled-by-world", "retromae_ds/engine/trainer.py",
-             "engine.backward(loss)", "engine.backward(loss * world)",
+             "engine.backward(out.loss)", "engine.backward(out.loss * world)",
              [E + "test_zero2_two_ranks_equal_single_process"],
              "gradients scale with the world size (Adam and clipping hide it in the losses)"),
-    Mutation("resume-on-other-data", "retromae_ds/engine/trainer.py",
-             "self._check_resume_compatible(client, data.fingerprints, resume_from)", "pass",
+    Mutation("resume-on-other-data", "retromae_ds/engine/checkpointer.py",
+             "self._check_compatible(point, fingerprints)", "pass",
              [E + "test_resume_refuses_a_checkpoint_trained_on_different_data"],
              "resuming a checkpoint trained on different data is not refused"),
     Mutation("data-weights-ignored", "retromae_ds/engine/build.py",
@@ -120,9 +123,26 @@ MUTATIONS = [
              [E + "test_max_seq_len_beyond_the_model_positions_is_a_clear_error"],
              "--max-seq-len beyond the model's positions is not refused"),
     Mutation("resume-forgets-data-position", "retromae_ds/engine/trainer.py",
-             "sampler.load_state_dict(client[\"sampler\"])", "pass",
+             "self.sampler.load_state_dict(point.client[\"sampler\"])", "pass",
              [E + "test_resume_after_kill9_is_bitwise_exact_zero2"],
              "a resume restarts the data order (control: guarded before issue 14)"),
+    Mutation("bf16-optimizer-state-unlabelled", "retromae_ds/engine/checkpoint.py",
+             "optim[ZERO_STAGE] = 1", "pass",
+             [M + "test_export_equals_deepspeeds_consolidation[zero1-bf16]"],
+             "ZeRO-1 + bf16 (DeepSpeed's BF16_Optimizer) checkpoints saved without the stage label: "
+             "DeepSpeed cannot consolidate them (export, resume with a new world size)"),
+    Mutation("reshard-masters-rounded", "retromae_ds/engine/trainer.py",
+             "ckpts.restore_masters(consolidated)", "pass",
+             [M + "test_resumes_at_a_new_world_size_from_the_exact_fp32_masters[zero2-bf16]"],
+             "a bf16 resume with a new world size keeps DeepSpeed's masters cloned from the 16-bit weights"),
+    Mutation("unshared-output-dir-unchecked", "retromae_ds/engine/checkpointer.py",
+             "unshared = _unseen_files(reports, self.cfg.output_dir)", "unshared = None",
+             [F + "test_a_node_local_output_dir_fails_at_the_first_save_naming_host_and_path"],
+             "a rank's checkpoint file that rank 0 cannot see goes unnoticed (a node-local --output-dir)"),
+    Mutation("fp16-overflow-counts-as-nan", "retromae_ds/engine/trainer.py",
+             "state.loss_scale_skips += 1\n            skipped = False", "state.loss_scale_skips += 1",
+             [F + "test_fp16_loss_scale_search_is_not_a_nonfinite_stop_but_nan_losses_are"],
+             "fp16 loss-scale overflow skips count as NaN/inf steps (a healthy fp16 run stops with exit 3)"),
 ]
 
 IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", "*.pyc")
