@@ -80,7 +80,7 @@ def main() -> None:
     train_rows = [r for r in rows if r.get("kind", "train") == "train"][1:]
     trainer_step = statistics.median(r["step_time_s"] for r in train_rows)
 
-    bare_step = bare_loop(cfg, prefix, tok, args)
+    bare_step = bare_loop(cfg, args)
     result = {
         "model": f"{model_dir if args.model_config else 'BERT 2 x 64 (random init)'}, {args.deepspeed} {args.precision}, "
                  f"1 rank, {'CUDA' if _cuda() else 'CPU, OMP_NUM_THREADS=1'}",
@@ -130,33 +130,26 @@ def lee_corpus(work: Path, seq_len: int) -> tuple[str, str]:
     return prefix, tok
 
 
-def bare_loop(cfg, prefix: str, tok: str, args) -> float:
-    """The same engine and batches, nothing else: pre-built masked batches, forward, backward, step."""
-    import deepspeed
+def bare_loop(cfg, args) -> float:
+    """The same engine and batches, nothing else: pre-built masked batches, forward, backward, step.
+    The engine, data, masker and sampler are the trainer's own (`Trainer.setup()`), built afresh."""
+    import dataclasses
+
     import torch
-    from transformers import AutoTokenizer
 
-    from retromae_ds import config as C
-    from retromae_ds.data.indexed import IndexedDataset
-    from retromae_ds.data.masking import MaskGenerator, collate_blocks, continuation_table, mask_rng
-    from retromae_ds.data.sampler import GlobalBatchSampler
-    from retromae_ds.engine.build import build_model, param_groups
+    from retromae_ds.data.masking import collate_blocks, mask_rng
+    from retromae_ds.engine.trainer import Trainer
 
-    # TODO(lead): use Trainer setup -- the tokenizer, model, DeepSpeed config and engine, data, masker and
-    # sampler below rebuild by hand what the trainer's setup builds; take them from `Trainer.setup()`.
-    tokenizer = AutoTokenizer.from_pretrained(tok)
-    model = build_model(cfg, tokenizer)
-    ds = C.resolve_deepspeed_config(C.load_deepspeed_json(args.deepspeed), cfg, world_size=1, precision=args.precision)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, 0.01), config=ds)
-    data = IndexedDataset(prefix)
-    masker = MaskGenerator(continuation_table(tokenizer), cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id,
-                           pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
-                           special_ids=list(tokenizer.all_special_ids)).to(engine.device)
-    sampler = GlobalBatchSampler.for_dataset(data, seed=cfg.seed)  # the trainer's batches, in its order
+    bare_cfg = dataclasses.replace(cfg, output_dir=cfg.output_dir + "_bare")
+    bare_cfg.explicit = set(cfg.explicit)
+    trainer = Trainer(bare_cfg)
+    trainer.setup()
+    engine, masker, sampler, data = trainer.engine, trainer.masker, trainer.sampler, trainer.data.train
+    pad_id = trainer.tokenizer.pad_token_id
     batches = []
     for step in range(args.steps):
         blocks = [data[int(i)][: args.seq_len - 2] for i in sampler.next_global_batch(args.micro_batch)]
-        tokens, lengths = collate_blocks(blocks, tokenizer.pad_token_id, max_tokens=args.seq_len - 2)
+        tokens, lengths = collate_blocks(blocks, pad_id, max_tokens=args.seq_len - 2)
         plan = masker.plan(tokens.numpy(), lengths.numpy())  # the trainer's static batches (same shapes, no syncs)
         batches.append(masker(tokens.to(engine.device), lengths.to(engine.device),
                               mask_rng(cfg.seed, step, 0, engine.device), plan=plan))

@@ -88,8 +88,9 @@ def main() -> int:
         if setting["compile"]:
             model.compile_layers()
         micro_batch = setting["micro_batch"] or args.micro_batch
-        # TODO(lead): use Trainer setup -- the DeepSpeed config and engine (and the masker above) rebuild
-        # by hand what the trainer's setup builds; take them from `Trainer.setup()` for this setting.
+        # Not `Trainer.setup()`: this times synthetic models and random blocks (no corpus, no tokenizer
+        # folder) under settings the trainer has no flag for (bf16 gradient accumulation); the DeepSpeed
+        # config comes from the trainer's own resolution and the engine from the same deepspeed.initialize.
         cfg = TrainConfig(micro_batch_size=micro_batch, lr=1e-4, precision=setting["precision"])
         ds = load_deepspeed_json(f"zero{setting['stage']}")
         ds = resolve_deepspeed_config(ds, cfg, world_size=dist.world_size, precision=setting["precision"])
