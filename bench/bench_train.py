@@ -60,11 +60,12 @@ def main() -> int:
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from retromae_ds.config import TrainConfig, load_deepspeed_json, resolve_deepspeed_config
+    from retromae_ds.config import TrainConfig
     from retromae_ds.data.masking import MaskGenerator, collate_blocks, mask_rng
     from retromae_ds.engine.build import param_groups
+    from retromae_ds.engine.ds_config import load_deepspeed_json, resolve_deepspeed_config
     from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
-    from retromae_ds.monitor import Throughput
+    from retromae_ds.monitor.throughput import Throughput
 
     device = dist.device
     hf = BertConfig(vocab_size=args.vocab_size, max_position_embeddings=max(512, args.seq_len),

@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def write_templates(folder: Path, overwrite: bool = False) -> list[Path]:
-    from retromae_ds.config import bundled_ds_config_dir
+    from retromae_ds.engine.ds_config import bundled_ds_config_dir
 
     package = Path(__file__).resolve().parent
     plan = [(p, folder / "ds_configs" / p.name) for p in sorted(bundled_ds_config_dir().glob("*.json"))]

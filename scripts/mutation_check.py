@@ -12,7 +12,7 @@ below would mean nothing. Then, for each mutation, exactly one snippet of one fi
 snippet must occur exactly once: a missing or repeated snippet is a script ERROR, not a pass, so that
 edits of the product that move the code show up here), the tests run with `pytest -x` (--all-tests:
 every listed test, to see which of them catch it), and the file is restored. Tests run in the copy with PYTHONPATH set to it; the test process checks that
-`retromae_ds` is imported from the copy, and the training runs (tests/probe_pretrain.py) record the
+`retromae_ds` is imported from the copy, and the training runs (tests/helpers/probe_pretrain.py) record the
 `retromae_ds.__file__` they imported, which the tests check too.
 
 Result per mutation: CAUGHT (pytest exit 1: some test failed), MISSED (the tests passed on the broken
@@ -72,12 +72,12 @@ MUTATIONS = [
               "test_activation_checkpointing_keeps_less_for_backward_and_gives_the_same_gradients",
               E + "test_activation_checkpointing_recomputes_and_gives_the_same_run"],
              "the module says checkpointing is on, but the decoder layer is never checkpointed"),
-    Mutation("bf16-resolves-to-fp32", "retromae_ds/config.py",
+    Mutation("bf16-resolves-to-fp32", "retromae_ds/engine/ds_config.py",
              "        return cfg.precision\n",
              "        return \"fp32\" if cfg.precision == \"bf16\" else cfg.precision\n",
              [E + "test_bf16_runs_in_bf16_with_falling_loss"],
              "--precision bf16 silently resolved to fp32"),
-    Mutation("bf16-section-never-enabled", "retromae_ds/config.py",
+    Mutation("bf16-section-never-enabled", "retromae_ds/engine/ds_config.py",
              "(\"bf16\", precision == \"bf16\")", "(\"bf16\", False)",
              [E + "test_bf16_runs_in_bf16_with_falling_loss"],
              "the DeepSpeed JSON's bf16 section is never enabled (the banner still says bf16)"),

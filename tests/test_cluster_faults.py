@@ -1,5 +1,5 @@
 """Faults a multi-node GPU run meets, reproduced on 2 CPU ranks through the probe's injections
-(tests/probe_pretrain.py): every one must end with a clear error and a non-zero exit on every rank,
+(tests/helpers/probe_pretrain.py): every one must end with a clear error and a non-zero exit on every rank,
 never a hang in a collective, and never a checkpoint that only looks complete.
 
 - a node-local --output-dir (a rank's files invisible to rank 0): fails at the first save;
@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests import engine_runs as R
+from tests.helpers import engine_runs as R
+from tests.helpers.tiny_run import tiny_run
 
 ARGS = ["--micro-batch-size", "2", "--log-interval", "1", "--lr", "1e-3", "--warmup", "0",
         "--eval-heldout-docs", "10", "--eval-max-length", "32", "--seed", "5", "--deepspeed", "zero2"]
@@ -30,7 +31,7 @@ NO_HANG = 240
 
 @pytest.fixture(scope="module")
 def lee(tmp_path_factory):
-    return R.prepare_lee_run(tmp_path_factory.mktemp("faults"), n_docs=40, max_seq_len=32)
+    return tiny_run(tmp_path_factory.mktemp("faults"), n_docs=40, max_seq_len=32)
 
 
 def exit_codes(res) -> set[int]:

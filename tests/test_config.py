@@ -6,6 +6,7 @@ import json
 import pytest
 
 from retromae_ds import config as C
+from retromae_ds.engine import ds_config
 from retromae_ds.errors import UserError
 
 
@@ -79,7 +80,7 @@ def test_profile_steps_parsing():
 
 def test_auto_fields_are_filled():
     cfg = parse("--micro-batch-size", "4", "--grad-accum", "3", "--lr", "2e-4", "--clip", "0.5")
-    ds = C.resolve_deepspeed_config(ds_json(), cfg, world_size=2, precision="fp32")
+    ds = ds_config.resolve_deepspeed_config(ds_json(), cfg, world_size=2, precision="fp32")
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 24
@@ -93,34 +94,34 @@ def test_auto_fields_are_filled():
 
 def test_concrete_json_value_is_adopted_when_flag_not_given():
     cfg = parse()
-    ds = C.resolve_deepspeed_config(ds_json(gradient_accumulation_steps=4), cfg, world_size=1, precision="fp32")
+    ds = ds_config.resolve_deepspeed_config(ds_json(gradient_accumulation_steps=4), cfg, world_size=1, precision="fp32")
     assert cfg.grad_accum == 4 and ds["train_batch_size"] == cfg.micro_batch_size * 4
 
 
 def test_conflicting_values_are_rejected():
     cfg = parse("--grad-accum", "2")
     with pytest.raises(UserError, match=r"gradient_accumulation_steps.*4.*--grad-accum 2"):
-        C.resolve_deepspeed_config(ds_json(gradient_accumulation_steps=4), cfg, world_size=1, precision="fp32")
+        ds_config.resolve_deepspeed_config(ds_json(gradient_accumulation_steps=4), cfg, world_size=1, precision="fp32")
     cfg = parse("--micro-batch-size", "2")
     with pytest.raises(UserError, match="train_batch_size"):
-        C.resolve_deepspeed_config(ds_json(train_batch_size=7), cfg, world_size=1, precision="fp32")
+        ds_config.resolve_deepspeed_config(ds_json(train_batch_size=7), cfg, world_size=1, precision="fp32")
     cfg = parse("--precision", "fp32")
     with pytest.raises(UserError, match=r"bf16.enabled.*--precision fp32"):
-        C.resolve_deepspeed_config(ds_json(bf16={"enabled": True}), cfg, world_size=1, precision="fp32")
+        ds_config.resolve_deepspeed_config(ds_json(bf16={"enabled": True}), cfg, world_size=1, precision="fp32")
     cfg = parse("--lr", "1e-3")
     ds = ds_json()
     ds["optimizer"]["params"]["lr"] = 5e-4
     with pytest.raises(UserError, match=r"optimizer.params.lr.*--lr"):
-        C.resolve_deepspeed_config(ds, cfg, world_size=1, precision="fp32")
+        ds_config.resolve_deepspeed_config(ds, cfg, world_size=1, precision="fp32")
 
 
 def test_precision_auto():
     cfg = parse()
-    assert C.resolve_precision(cfg, "cpu", False) == "fp32"
-    assert C.resolve_precision(cfg, "cuda", True) == "bf16"
-    assert C.resolve_precision(cfg, "cuda", False) == "fp16"
+    assert ds_config.resolve_precision(cfg, "cpu", False) == "fp32"
+    assert ds_config.resolve_precision(cfg, "cuda", True) == "bf16"
+    assert ds_config.resolve_precision(cfg, "cuda", False) == "fp16"
     with pytest.raises(UserError, match="fp16 needs a GPU"):
-        C.resolve_precision(parse("--precision", "fp16"), "cpu", False)
+        ds_config.resolve_precision(parse("--precision", "fp16"), "cpu", False)
 
 
 def test_explicit_precision_is_what_runs():
@@ -128,20 +129,44 @@ def test_explicit_precision_is_what_runs():
     the DeepSpeed JSON enables."""
     for device, bf16_ok in (("cpu", False), ("cuda", False), ("cuda", True)):
         for precision in ("bf16", "fp32"):
-            assert C.resolve_precision(parse("--precision", precision), device, bf16_ok) == precision
-    assert C.resolve_precision(parse("--precision", "fp16"), "cuda", True) == "fp16"
+            assert ds_config.resolve_precision(parse("--precision", precision), device, bf16_ok) == precision
+    assert ds_config.resolve_precision(parse("--precision", "fp16"), "cuda", True) == "fp16"
     for precision in ("bf16", "fp16", "fp32"):
         cfg = parse("--precision", precision)
-        ds = C.resolve_deepspeed_config(ds_json(), cfg, world_size=1, precision=precision)
+        ds = ds_config.resolve_deepspeed_config(ds_json(), cfg, world_size=1, precision=precision)
         assert ds["bf16"]["enabled"] is (precision == "bf16") and ds["fp16"]["enabled"] is (precision == "fp16")
 
 
 def test_shipped_ds_configs_resolve():
     for name in ("zero2", "zero3", "zero3_offload"):
         cfg = parse()
-        ds = C.resolve_deepspeed_config(json.load(open(f"ds_configs/{name}.json")), cfg, world_size=8,
-                                        precision="bf16")
+        ds = ds_config.resolve_deepspeed_config(json.load(open(f"ds_configs/{name}.json")), cfg, world_size=8,
+                                                precision="bf16")
         assert ds["bf16"]["enabled"] is True and ds["train_batch_size"] == 8 * cfg.micro_batch_size
+
+
+def test_run_presets_load_through_the_yaml_loader():
+    """configs/*.yaml are read as `--config` reads them: every key a flag, every value of its type (a
+    renamed flag breaks this), no clash with the DeepSpeed JSON they name; each is headed by a comment
+    with its launch line; demo.yaml keeps the no-flag demo's settings."""
+    from pathlib import Path
+
+    from retromae_ds.engine.build import DEMO_DEFAULTS
+
+    configs = Path(__file__).resolve().parent.parent / "configs"
+    presets = sorted(configs.glob("*.yaml"))
+    assert {p.name for p in presets} >= {"demo.yaml", "bert-base-8gpu.yaml", "long-context-8k.yaml"}
+    for path in presets:
+        values = C.load_yaml(str(path))
+        model = [] if "model" in values else ["--model", "path/to/model"]  # demo.yaml: given at launch
+        cfg = parse("--config", str(path), *model)
+        assert {name: getattr(cfg, name) for name in values} == values and cfg.explicit >= set(values)
+        ds_config.resolve_deepspeed_config(ds_config.load_deepspeed_json(cfg.deepspeed), cfg, world_size=8,
+                                           precision="bf16")
+        text = path.read_text()
+        assert text.startswith("# ") and f"--config configs/{path.name}" in text, path.name
+    demo = C.load_yaml(str(configs / "demo.yaml"))
+    assert demo["data"] == [C.DEMO_DATA_PREFIX] and {k: demo[k] for k in DEMO_DEFAULTS} == DEMO_DEFAULTS
 
 
 def test_schedule_is_a_function_of_step():

@@ -8,7 +8,7 @@ time in the background, see the `cells` fixture):
 1. train: 2 ranks (torchrun), --max-steps 2, an interval checkpoint at step 1 and the final one at step 2;
    the engine ran the cell's ZeRO stage and precision (read from DeepSpeed's objects by the probe).
 2. resume: the same 2 ranks, --resume auto, --max-steps 3: resumes from step 2 and trains step 3; the
-   optimizer's fp32 master weights before its first step (tests/probe_pretrain.py,
+   optimizer's fp32 master weights before its first step (tests/helpers/probe_pretrain.py,
    RETROMAE_TEST_PROBE_MASTERS) equal DeepSpeed's consolidation of that checkpoint exactly.
 3. new world size: 1 rank (python), --grad-accum 2 (the same global batch), --max-steps 4: resumes
    from step 3 through the consolidated weights, and again the fp32 masters before its first step equal
@@ -20,7 +20,7 @@ time in the background, see the `cells` fixture):
 
 fp16 on CPU: DeepSpeed refuses fp16 on a CPU accelerator ("Type fp16 is not supported on your device.")
 and so does the trainer (--precision fp16 needs a GPU). The fp16 cells run only through a test shim
-(RETROMAE_TEST_FP16_ON_CPU in tests/probe_pretrain.py: the CPU accelerator reports fp16 as supported and
+(RETROMAE_TEST_FP16_ON_CPU in tests/helpers/probe_pretrain.py: the CPU accelerator reports fp16 as supported and
 the trainer resolves fp16 as on a GPU). They check configuration resolution, DeepSpeed's fp16 optimizer
 wrappers, checkpoint layout, resume and consolidation, not fp16 GPU kernels or loss-scale behaviour on
 real hardware. Likewise bf16 here is CPU bf16 (correct, ~10x slower than fp32 on CPUs without AVX512-BF16).
@@ -41,7 +41,8 @@ import pytest
 import torch
 
 from retromae_ds.engine.checkpoint import read_marker
-from tests import engine_runs as R
+from tests.helpers import engine_runs as R
+from tests.helpers.tiny_run import tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -67,7 +68,7 @@ CELLS = [pytest.param(ds, precision, id=f"{ds}-{precision}") for ds in CONFIGS f
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The prepared corpus and tiny BERT config, shared by all cells."""
-    return R.prepare_lee_run(tmp_path_factory.mktemp("matrix"), n_docs=40, max_seq_len=64)
+    return tiny_run(tmp_path_factory.mktemp("matrix"), n_docs=40, max_seq_len=64)
 
 
 class StageFailed(AssertionError):

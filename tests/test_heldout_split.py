@@ -17,21 +17,16 @@ from retromae_ds.data.indexed import IndexedDataset
 from retromae_ds.data.sampler import GlobalBatchSampler
 from retromae_ds.engine.build import load_data
 from retromae_ds.evaluate import heldout_blocks, heldout_queries
-
-from .conftest import lee_articles, write_jsonl
+from tests.helpers.corpora import lee_articles
+from tests.helpers.tiny_run import prepare_lee_corpus
 
 
 @pytest.fixture(scope="module")
-def second_dataset(tmp_path_factory, minilm_tokenizer_dir) -> str:
+def second_dataset(tmp_path_factory) -> str:
     """Other Lee articles (130-189), for a two-dataset blend. Not 60-119: article 72 repeats
     sentences of held-out article 59 (news rewrites), so one block is genuinely in both."""
-    from retromae_ds.data.prepare import prepare_files
-
-    work = tmp_path_factory.mktemp("second_dataset")
-    corpus = write_jsonl(work / "more.jsonl", [{"text": t} for t in lee_articles(190)[130:]])
-    prefix = str(work / "more")
-    prepare_files([corpus], minilm_tokenizer_dir, prefix, max_seq_len=64, num_proc=1, progress=False)
-    return prefix
+    return prepare_lee_corpus(tmp_path_factory.mktemp("second_dataset"), lee_articles(190)[130:], "more",
+                              max_seq_len=64)
 
 
 def _key(block) -> bytes:

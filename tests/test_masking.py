@@ -15,32 +15,12 @@ from retromae_ds.data.masking import (BYTE_LEVEL_BPE, MAX_WORD_TOKENS, SENTENCEP
                                       MaskGenerator, collate_blocks, continuation_table, draw_whole_words, mask_rng,
                                       tokenizer_family, word_break_table)
 from scripts.masking_reference import reference_draw, reference_masks, reference_words
-from tests.conftest import lee_articles
+from tests.helpers.corpora import lee_articles
+from tests.helpers.masking_data import (VOCAB, device_word_lengths, device_word_numbers, synthetic_block,
+                                        synthetic_continuation, synthetic_generator)
 
 # --------------------------------------------------------------------------------------------------
-# Synthetic vocabulary: ids 5..49 start words, 50..99 continue them
-
-SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-VOCAB = 100
-
-
-def synthetic_continuation() -> torch.Tensor:
-    table = torch.zeros(VOCAB, dtype=torch.bool)
-    table[50:] = True
-    return table
-
-
-def synthetic_block(word_lengths: list[int], rng: random.Random) -> list[int]:
-    ids = []
-    for length in word_lengths:
-        ids.append(rng.randrange(5, 50))
-        ids.extend(rng.randrange(50, VOCAB) for _ in range(length - 1))
-    return ids
-
-
-def synthetic_generator(**ratios) -> MaskGenerator:
-    return MaskGenerator(synthetic_continuation(), cls_id=2, sep_id=3, pad_id=0, mask_id=4, vocab_size=VOCAB,
-                         special_ids=list(SPECIALS.values()), **ratios)
+# Synthetic vocabulary (tests/helpers/masking_data.py): ids 5..49 start words, 50..99 continue them
 
 
 def word_spans(ids: torch.Tensor, length: int, table: torch.Tensor) -> list[list[int]]:
@@ -66,26 +46,6 @@ def test_collate_blocks_pads_and_rounds_the_model_length():
 
 # --------------------------------------------------------------------------------------------------
 # continuation tables for every tokenizer family
-
-
-@pytest.fixture(scope="session")
-def byte_level_tokenizer(tmp_path_factory):
-    return train_byte_level_bpe(tmp_path_factory.mktemp("bpe"))
-
-
-def train_byte_level_bpe(folder):
-    """A 1,000-token RoBERTa-style byte-level BPE trained on the Lee news text (saved and reloaded)."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import AutoTokenizer, RobertaTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(lee_articles(), vocab_size=1000, min_frequency=2, show_progress=False,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
-    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                     sep_token="</s>", cls_token="<s>", unk_token="<unk>", pad_token="<pad>",
-                                     mask_token="<mask>")
-    tokenizer.save_pretrained(str(folder))
-    return AutoTokenizer.from_pretrained(str(folder))
 
 
 TEXT = ("The unbelievably quick, brownish fox jumped over 12 lazy dogs, and Anthropomorphization isn't "
@@ -515,32 +475,6 @@ def test_invalid_pool_is_a_user_error(bad):
         pool_generator(bad)
 
 
-def _device_word_lengths(gen: MaskGenerator, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """The word lengths [B, words] the generator finds on the device, by its own word-structure code
-    path: a call without a plan, with draw_whole_words recording its inputs (the encoder's draw)."""
-    import retromae_ds.data.masking as masking
-
-    seen = []
-    original = masking.draw_whole_words
-
-    def recording(word_len, *args, **kwargs):
-        seen.append(word_len)
-        return original(word_len, *args, **kwargs)
-
-    masking.draw_whole_words = recording
-    try:
-        gen(tokens, lengths, mask_rng(0, 0, 0, "cpu"))
-    finally:
-        masking.draw_whole_words = original
-    return seen[0]                                              # the encoder's draw: one row per sample
-
-
-def _device_word_numbers(gen: MaskGenerator, tokens: torch.Tensor, lengths: torch.Tensor) -> tuple[int, int]:
-    """(most words in a sample, longest word) as the generator finds them on the device."""
-    word_len = _device_word_lengths(gen, tokens, lengths)
-    return int((word_len > 0).sum(1).max()), int(word_len.max())
-
-
 @pytest.mark.parametrize("pool", [0, 128])
 def test_host_plan_gives_the_same_batch_without_syncs(minilm_batch, pool):
     """A BatchPlan (numpy, on the host) must find the device's word structure exactly (a wrong word
@@ -562,7 +496,7 @@ def test_host_plan_gives_the_same_batch_without_syncs(minilm_batch, pool):
     cases.append((synthetic, *collate_blocks(cut, 0)))       # blocks cut mid-word: their first token starts one
     for masker, tok, lens in cases:
         plan = masker.plan(tok.numpy(), lens.numpy())
-        assert (plan.n_words, plan.longest) == _device_word_numbers(masker, tok, lens)
+        assert (plan.n_words, plan.longest) == device_word_numbers(masker, tok, lens)
         assert plan.longest <= masker.max_word_tokens          # the sync-free draw's rounds stay few
         assert plan.padded == bool((lens < tok.shape[1]).any())
         for sync_free in (False, True):
@@ -606,7 +540,7 @@ def test_long_words_are_cut_into_pieces_from_their_start():
     tokens, lengths = collate_blocks(blocks, 0)
     gen = synthetic_generator()
     assert MAX_WORD_TOKENS == 8
-    assert _device_word_lengths(gen, tokens, lengths).tolist() == [[8, 8, 4, 1, 8, 1, 8, 3],
+    assert device_word_lengths(gen, tokens, lengths).tolist() == [[8, 8, 4, 1, 8, 1, 8, 3],
                                                                   [2, 8, 8, 1, 0, 0, 0, 0]]
     plan = gen.plan(tokens.numpy(), lengths.numpy())
     assert (plan.n_words, plan.longest) == (8, 8)
@@ -668,4 +602,4 @@ def test_unspaced_run_is_masked_at_the_ratio(request, family):
         dec_share = hidden.sum(2).float() / (n + 2)
         assert ((dec_share - 0.5).abs() < 0.02).all(), (dec_share.min(), dec_share.max())
     assert plan.longest == MAX_WORD_TOKENS
-    assert (plan.n_words, plan.longest) == _device_word_numbers(gen, tokens, lengths)
+    assert (plan.n_words, plan.longest) == device_word_numbers(gen, tokens, lengths)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import numpy as np
 import pytest
@@ -21,28 +20,9 @@ from retromae_ds.data.masking import MaskGenerator, collate_blocks, continuation
 from retromae_ds.errors import UserError
 from retromae_ds.model.decoder import EnhancedDecoderLayer
 from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
-from tests.conftest import lee_articles
-from tests.test_masking import VOCAB, synthetic_block, synthetic_generator, train_byte_level_bpe
-
-
-def tiny_bert(dropout: float = 0.0, vocab: int = VOCAB) -> BertForMaskedLM:
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout)
-    return BertForMaskedLM(config)
-
-
-def synthetic_batch(seed: int = 0, lengths=(20, 13, 6, 17), static: bool = False) -> dict:
-    """A masked batch; `static`: drawn with the host plan (label capacity; no encoder mask if unpadded)."""
-    rng = random.Random(seed)
-    blocks = []
-    for n in lengths:
-        ids = synthetic_block([rng.choice([1, 1, 2, 3]) for _ in range(n)], rng)[:n]
-        blocks.append(np.array(ids))
-    tokens, lens = collate_blocks(blocks, 0)
-    generator = synthetic_generator()
-    plan = generator.plan(tokens.numpy(), lens.numpy()) if static else None
-    return generator(tokens, lens, mask_rng(seed, 0, 0, "cpu"), plan=plan)
+from tests.helpers.corpora import lee_articles
+from tests.helpers.masking_data import VOCAB, synthetic_batch
+from tests.helpers.tiny_models import decoder_loss_after_training, grads, tiny_bert
 
 
 def attention_of(batch: dict) -> torch.Tensor:
@@ -94,10 +74,6 @@ def naive_reference_loss(model: RetroMAEForPretraining, batch: dict, objective: 
                 weights[b, t] = 1 / len(tokens)
         loss = loss + 0.7 * torch.mean(-torch.sum(weights * F.log_softmax(pooled, dim=-1), dim=1))
     return loss
-
-
-def grads(model: nn.Module) -> dict:
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
 HEAD_VARIANTS = [pytest.param(True, None, None, id="fast"), pytest.param(True, 5, None, id="fast-chunked"),
@@ -362,37 +338,6 @@ def test_a_head_in_parts_that_do_not_chain_is_refused():
 # the decoder uses position
 
 
-def fixed_blocks(seed: int = 0, n: int = 4, length: int = 22):
-    rng = random.Random(seed)
-    blocks = [np.array(synthetic_block([rng.choice([1, 1, 2]) for _ in range(length)], rng)[:length])
-              for _ in range(n)]
-    return collate_blocks(blocks, 0, pad_to_multiple_of=None)
-
-
-def decoder_loss_after_training(model: RetroMAEForPretraining, steps: int = 150, lr: float = 1e-2) -> float:
-    """Train on one fixed batch of tokens (fresh masks every step); mean decoder loss of the last 20 steps.
-
-    With positions the decoder can learn which token sits at each row of these few samples; without,
-    every row of a sample looks alike and the loss cannot go much below the entropy of its tokens."""
-    generator = synthetic_generator()
-    tokens, lengths = fixed_blocks()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    history = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only wait on each other on a busy machine
-    try:
-        for step in range(steps):
-            out = model(**generator(tokens, lengths, mask_rng(0, step, 0, "cpu")))
-            optimizer.zero_grad()
-            out.loss.backward()
-            optimizer.step()
-            history.append(out.decoder_loss.item())
-    finally:
-        torch.set_num_threads(threads)
-    return float(np.mean(history[-20:]))
-
-
 def test_bert_decoder_uses_positions():
     torch.manual_seed(0)
     with_positions = decoder_loss_after_training(RetroMAEForPretraining(tiny_bert()))
@@ -499,11 +444,6 @@ def test_loading_an_encoder_without_mlm_head_prints_one_line(minilm_tokenizer_di
 
 # --------------------------------------------------------------------------------------------------
 # every tokenizer family trains
-
-
-@pytest.fixture(scope="module")
-def byte_level_tokenizer(tmp_path_factory):
-    return train_byte_level_bpe(tmp_path_factory.mktemp("bpe_model"))
 
 
 def build_tiny(family: str, tokenizer, max_len: int):

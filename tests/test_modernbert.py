@@ -24,9 +24,9 @@ from retromae_ds.errors import UserError
 from retromae_ds.model.positions import RotaryEmbedding, rope_settings
 from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
 from scripts.sync_watch import TORCH_DIR, SyncWatch
-from tests import engine_runs as R
-from tests.test_masking import VOCAB, _device_word_numbers
-from tests.test_model import decoder_loss_after_training, grads, synthetic_batch, tiny_bert
+from tests.helpers import engine_runs as R
+from tests.helpers.masking_data import VOCAB, device_word_numbers, synthetic_batch
+from tests.helpers.tiny_models import decoder_loss_after_training, grads, tiny_bert
 
 
 def modernbert_config(vocab: int = VOCAB, **overrides) -> ModernBertConfig:
@@ -301,7 +301,7 @@ def test_word_starts_after_a_line_break(modernbert_style_tokenizer):
     begin = [i for i, s in enumerate(starts) if s] + [len(ids)]
     words = (sum(starts), max(b - a for a, b in zip(begin, begin[1:])))      # (word count, longest word)
     assert (plan.n_words, plan.longest) == words                             # the host plan
-    assert _device_word_numbers(gen, tokens, lengths) == words               # the generator on the device
+    assert device_word_numbers(gen, tokens, lengths) == words                # the generator on the device
     for sync_free in (False, True):
         gen.sync_free = sync_free
         for step in range(20):                                           # whole words: masked runs follow `starts`

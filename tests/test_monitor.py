@@ -10,7 +10,7 @@ import math
 
 import pytest
 
-from retromae_ds import monitor
+from retromae_ds.monitor import flops, metrics, peaks, progress, throughput
 
 
 def tiny_bert_config(**overrides):
@@ -44,15 +44,15 @@ def test_flops_hand_count_tiny_config():
     head = lambda rows: mm(rows, 4, 4) + mm(rows, 4, 10)  # noqa: E731
     # retromae, fast heads: encoder head on 0.3 * 4 = 1.2 masked rows, decoder head on 4 rows
     expected = 3 * (layer + head(1.2) + layer + head(4))
-    got = monitor.retromae_flops_per_sample(cfg, 6, objective="retromae")
+    got = flops.retromae_flops_per_sample(cfg, 6, objective="retromae")
     assert got == pytest.approx(expected)
-    assert monitor.retromae_flops_per_sample(cfg, 6, objective="mlm") == pytest.approx(3 * (layer + head(1.2)))
+    assert flops.retromae_flops_per_sample(cfg, 6, objective="mlm") == pytest.approx(3 * (layer + head(1.2)))
     # naive heads: every row through the head, both branches; DupMAE's encoder head always sees all rows
-    assert monitor.retromae_flops_per_sample(cfg, 6, objective="retromae", fast_heads=False) == \
+    assert flops.retromae_flops_per_sample(cfg, 6, objective="retromae", fast_heads=False) == \
         pytest.approx(3 * (2 * layer + 2 * head(6)))
-    assert monitor.retromae_flops_per_sample(cfg, 6, objective="dupmae") == \
+    assert flops.retromae_flops_per_sample(cfg, 6, objective="dupmae") == \
         pytest.approx(3 * (2 * layer + head(6) + head(4)))
-    assert monitor.retromae_flops_per_sample(cfg, 6, num_encoder_masked=2, num_decoder_labelled=3) == \
+    assert flops.retromae_flops_per_sample(cfg, 6, num_encoder_masked=2, num_decoder_labelled=3) == \
         pytest.approx(3 * (2 * layer + head(2) + head(3)))
 
 
@@ -69,14 +69,14 @@ def test_flops_match_torch_flop_counter_on_bert_mlm():
     ids = torch.randint(5, 50, (1, seq_len))
     with FlopCounterMode(display=False) as counter:
         model(input_ids=ids).logits.sum().backward()
-    formula = monitor.retromae_flops_per_sample(cfg, seq_len, objective="mlm", fast_heads=False)
+    formula = flops.retromae_flops_per_sample(cfg, seq_len, objective="mlm", fast_heads=False)
     assert formula == pytest.approx(counter.get_total_flops(), rel=1e-9)
 
 
 def test_flops_scale_as_expected():
     cfg = tiny_bert_config(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                            intermediate_size=3072, max_position_embeddings=512)
-    f = lambda L, **kw: monitor.retromae_flops_per_sample(cfg, L, **kw)  # noqa: E731
+    f = lambda L, **kw: flops.retromae_flops_per_sample(cfg, L, **kw)  # noqa: E731
     # Linear + quadratic in L: the second difference f(L+2d) - 2 f(L+d) + f(L) = 2 c d^2 isolates the
     # attention term c L^2 with c = 4 h per layer (13 layers: 12 encoder + 1 decoder), x 3 for training.
     second_diff = f(384) - 2 * f(256) + f(128)
@@ -84,8 +84,8 @@ def test_flops_scale_as_expected():
     # Adding layers adds exactly one layer's cost each.
     deeper = tiny_bert_config(vocab_size=30522, hidden_size=768, num_hidden_layers=13, num_attention_heads=12,
                               intermediate_size=3072)
-    one_layer = monitor.retromae_flops_per_sample(deeper, 512) - f(512)
-    assert one_layer == pytest.approx(3 * monitor.transformer_layer_flops(512, 768, 3072))
+    one_layer = flops.retromae_flops_per_sample(deeper, 512) - f(512)
+    assert one_layer == pytest.approx(3 * flops.transformer_layer_flops(512, 768, 3072))
     # Order: mlm < retromae < dupmae < naive heads; BERT-base RetroMAE ~ 6 * params * tokens ballpark.
     assert f(512, objective="mlm") < f(512) < f(512, objective="dupmae") < f(512, fast_heads=False)
     params = 110e6
@@ -95,26 +95,26 @@ def test_flops_scale_as_expected():
 # ---- peak FLOPs ----------------------------------------------------------------------------------
 
 def test_peak_table_by_device_name():
-    assert monitor.lookup_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4)
-    assert monitor.lookup_peak_tflops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.0)
-    assert monitor.lookup_peak_tflops("NVIDIA H200", "fp16") == pytest.approx(989.4)
-    assert monitor.lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312.0)
-    assert monitor.lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == pytest.approx(19.5)
-    assert monitor.lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == pytest.approx(156.0)
-    assert monitor.lookup_peak_tflops("NVIDIA A10G", "bf16") == pytest.approx(70.0)
-    assert monitor.lookup_peak_tflops("NVIDIA A10", "bf16") == pytest.approx(125.0)
-    assert monitor.lookup_peak_tflops("NVIDIA L4", "bf16") == pytest.approx(121.0)
-    assert monitor.lookup_peak_tflops("NVIDIA L40S", "bf16") == pytest.approx(362.1)
-    assert monitor.lookup_peak_tflops("Tesla V100-SXM2-32GB", "fp16") == pytest.approx(125.0)
-    assert monitor.lookup_peak_tflops("NVIDIA GeForce RTX 4090", "bf16") == pytest.approx(165.2)
-    assert monitor.lookup_peak_tflops("Some Unknown Accelerator", "bf16") is None
+    assert peaks.lookup_peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4)
+    assert peaks.lookup_peak_tflops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.0)
+    assert peaks.lookup_peak_tflops("NVIDIA H200", "fp16") == pytest.approx(989.4)
+    assert peaks.lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312.0)
+    assert peaks.lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32") == pytest.approx(19.5)
+    assert peaks.lookup_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == pytest.approx(156.0)
+    assert peaks.lookup_peak_tflops("NVIDIA A10G", "bf16") == pytest.approx(70.0)
+    assert peaks.lookup_peak_tflops("NVIDIA A10", "bf16") == pytest.approx(125.0)
+    assert peaks.lookup_peak_tflops("NVIDIA L4", "bf16") == pytest.approx(121.0)
+    assert peaks.lookup_peak_tflops("NVIDIA L40S", "bf16") == pytest.approx(362.1)
+    assert peaks.lookup_peak_tflops("Tesla V100-SXM2-32GB", "fp16") == pytest.approx(125.0)
+    assert peaks.lookup_peak_tflops("NVIDIA GeForce RTX 4090", "bf16") == pytest.approx(165.2)
+    assert peaks.lookup_peak_tflops("Some Unknown Accelerator", "bf16") is None
 
 
 def test_peak_flops_cpu_none_unless_overridden():
     import torch
 
-    assert monitor.peak_flops_per_device(torch.device("cpu"), "fp32") is None
-    assert monitor.peak_flops_per_device(torch.device("cpu"), "fp32", override=2e12) == 2e12
+    assert peaks.peak_flops_per_device(torch.device("cpu"), "fp32") is None
+    assert peaks.peak_flops_per_device(torch.device("cpu"), "fp32", override=2e12) == 2e12
 
 
 # ---- Throughput ----------------------------------------------------------------------------------
@@ -123,9 +123,9 @@ def test_throughput_window_averages_and_mfu():
     import torch
 
     cfg = tiny_bert_config()
-    meter = monitor.Throughput(model_config=cfg, objective="retromae", device=torch.device("cpu"), dtype="fp32",
+    meter = throughput.Throughput(model_config=cfg, objective="retromae", device=torch.device("cpu"), dtype="fp32",
                                world_size=2, peak_tflops=1e-6)
-    per_sample = monitor.retromae_flops_per_sample(cfg, 32, objective="retromae")
+    per_sample = flops.retromae_flops_per_sample(cfg, 32, objective="retromae")
     meter.update(step_time=1.0, data_wait=0.1, tokens=8 * 32, samples=8, seq_len=32)
     meter.update(step_time=3.0, data_wait=0.3, tokens=8 * 32, samples=8, seq_len=32)
     s = meter.summary()
@@ -144,13 +144,13 @@ def test_throughput_window_averages_and_mfu():
     s2 = meter.summary()
     assert s2["tokens_per_s"] == pytest.approx(128.0)
     assert s2["tflops_per_device"] == pytest.approx(
-        monitor.retromae_flops_per_sample(cfg, 16) * 8 / 1.0 / 2 / 1e12)
+        flops.retromae_flops_per_sample(cfg, 16) * 8 / 1.0 / 2 / 1e12)
 
 
 def test_throughput_without_peak_has_no_mfu():
     import torch
 
-    meter = monitor.Throughput(model_config=tiny_bert_config(), objective="mlm", device=torch.device("cpu"),
+    meter = throughput.Throughput(model_config=tiny_bert_config(), objective="mlm", device=torch.device("cpu"),
                                dtype="fp32", world_size=1, peak_tflops=None)
     meter.update(step_time=0.5, data_wait=0.0, tokens=100, samples=4, seq_len=32)
     s = meter.summary()
@@ -170,7 +170,7 @@ def train_metrics(step: int) -> dict:
 
 def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     out = tmp_path / "run"
-    logger = monitor.MetricsLogger(out, None, enabled=True, resume_step=0)
+    logger = metrics.MetricsLogger(out, None, enabled=True, resume_step=0)
     for step in (1, 2, 3):
         logger.log(step, train_metrics(step))
     logger.log(3, {"lee/spearman_cls": 0.47, "heldout/mrr10": 0.8, "heldout/num_queries": 40}, kind="eval")
@@ -180,7 +180,7 @@ def test_logger_writes_jsonl_and_tensorboard(tmp_path):
     assert [(r["step"], r["kind"]) for r in records] == [(1, "train"), (2, "train"), (3, "train"), (3, "eval")]
     assert records[1] == {"step": 2, "kind": "train", **train_metrics(2)}
     assert records[3]["lee/spearman_cls"] == 0.47 and records[3]["heldout/num_queries"] == 40
-    assert monitor.read_metrics(out, kind="eval") == [records[3]]
+    assert metrics.read_metrics(out, kind="eval") == [records[3]]
 
     scalars = read_scalars(out / "tensorboard")
     assert scalars["train/loss"] == [(1, pytest.approx(1.0)), (2, pytest.approx(2.0)), (3, pytest.approx(3.0))]
@@ -198,7 +198,7 @@ def test_logger_custom_tensorboard_dir_nonfinite_and_numpy_values(tmp_path):
     import torch
 
     tb = tmp_path / "elsewhere"
-    with monitor.MetricsLogger(tmp_path / "run", tb) as logger:
+    with metrics.MetricsLogger(tmp_path / "run", tb) as logger:
         logger.log(1, {"loss": float("nan"), "grad_norm": np.float32(1.5), "lr": torch.tensor(0.001),
                        "skipped_steps": np.int64(2), "mfu": None})
     line = (tmp_path / "run" / "metrics.jsonl").read_text().strip()
@@ -214,7 +214,7 @@ def test_logger_custom_tensorboard_dir_nonfinite_and_numpy_values(tmp_path):
 
 
 def test_disabled_logger_writes_nothing(tmp_path):
-    logger = monitor.MetricsLogger(tmp_path / "run", None, enabled=False, resume_step=5)
+    logger = metrics.MetricsLogger(tmp_path / "run", None, enabled=False, resume_step=5)
     logger.log(1, {"loss": 1.0})
     logger.truncate_after(0)
     logger.close()
@@ -222,14 +222,14 @@ def test_disabled_logger_writes_nothing(tmp_path):
 
 
 def test_truncate_after_keeps_earlier_steps_atomically(tmp_path):
-    logger = monitor.MetricsLogger(tmp_path, None)
+    logger = metrics.MetricsLogger(tmp_path, None)
     for step in range(1, 7):
         logger.log(step, {"loss": 10.0 - step})
     logger.log(4, {"heldout/mrr10": 0.5}, kind="eval")
     logger.truncate_after(4)
     logger.log(5, {"loss": 0.25})  # logging continues after the rewrite
     logger.close()
-    records = monitor.read_metrics(tmp_path)
+    records = metrics.read_metrics(tmp_path)
     assert [(r["step"], r["kind"]) for r in records] == [(1, "train"), (2, "train"), (3, "train"), (4, "train"),
                                                           (4, "eval"), (5, "train")]
     assert records[-1]["loss"] == 0.25
@@ -238,19 +238,19 @@ def test_truncate_after_keeps_earlier_steps_atomically(tmp_path):
 
 def test_resume_drops_later_records_and_purges_tensorboard(tmp_path):
     # First run reaches step 6 (checkpoint at 4), then dies mid-write: a half line at the end.
-    first = monitor.MetricsLogger(tmp_path, None)
+    first = metrics.MetricsLogger(tmp_path, None)
     for step in range(1, 7):
         first.log(step, {"loss": float(step)})
     first.close()
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "kind": "tr')
     # Resumed run continues from step 4 with different values.
-    second = monitor.MetricsLogger(tmp_path, None, resume_step=4)
+    second = metrics.MetricsLogger(tmp_path, None, resume_step=4)
     for step in (5, 6, 7):
         second.log(step, {"loss": 100.0 + step})
     second.close()
 
-    records = monitor.read_metrics(tmp_path)
+    records = metrics.read_metrics(tmp_path)
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
                                                          (5, 105.0), (6, 106.0), (7, 107.0)]
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
@@ -263,7 +263,7 @@ def test_resume_drops_later_records_and_purges_tensorboard(tmp_path):
 
 def test_progress_bar_plain_mode_prints_log_lines():
     buf = io.StringIO()
-    bar = monitor.ProgressBar(100, initial_step=10, enabled=True, plain=True, file=buf)
+    bar = progress.ProgressBar(100, initial_step=10, enabled=True, plain=True, file=buf)
     bar.update(11, None)
     bar.update(12, None)
     assert buf.getvalue() == ""  # no metrics: nothing to say
@@ -281,13 +281,13 @@ def test_progress_bar_plain_mode_prints_log_lines():
 
 
 def test_progress_bar_decides_mode_from_terminal_and_is_quiet_when_disabled(capsys):
-    bar = monitor.ProgressBar(10, initial_step=0, enabled=True)  # pytest captures stderr: not a TTY
+    bar = progress.ProgressBar(10, initial_step=0, enabled=True)  # pytest captures stderr: not a TTY
     assert bar.plain
     bar.update(5, {"loss": 1.0})
     bar.close()
     assert "step 5/10" in capsys.readouterr().out
 
-    quiet = monitor.ProgressBar(10, initial_step=0, enabled=False)
+    quiet = progress.ProgressBar(10, initial_step=0, enabled=False)
     quiet.update(5, {"loss": 1.0})
     quiet.write("hello")
     quiet.close()
@@ -297,7 +297,7 @@ def test_progress_bar_decides_mode_from_terminal_and_is_quiet_when_disabled(caps
 
 def test_progress_bar_tqdm_mode_shows_loss_and_rate():
     buf = io.StringIO()
-    bar = monitor.ProgressBar(50, initial_step=5, enabled=True, plain=False, file=buf)
+    bar = progress.ProgressBar(50, initial_step=5, enabled=True, plain=False, file=buf)
     bar.update(10, {"loss": 1.2345, "tokens_per_s": 999.0})
     bar._bar.refresh()
     bar.close()

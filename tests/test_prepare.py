@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import lee_articles, write_jsonl
+from tests.helpers.corpora import lee_articles, write_jsonl
 from retromae_ds.data import packing, prepare, workers
 from retromae_ds.data.indexed import IndexedDataset
 from retromae_ds.errors import UserError

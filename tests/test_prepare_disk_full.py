@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import lee_articles, write_jsonl
+from tests.helpers.corpora import lee_articles, write_jsonl
 from retromae_ds.data.indexed import IndexedDataset, IndexedDatasetWriter
 from retromae_ds.data.prepare import prepare_files
 from retromae_ds.errors import UserError

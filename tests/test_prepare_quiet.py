@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import lee_articles, write_jsonl
+from tests.helpers.corpora import lee_articles, write_jsonl
 
 WARNING = "Token indices sequence length is longer than the specified maximum sequence length"
 

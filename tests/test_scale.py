@@ -20,10 +20,12 @@ import torch
 
 from retromae_ds import config as C
 from retromae_ds.engine import checkpoint as ck
+from retromae_ds.engine import ds_config
 from retromae_ds.engine.distributed import device_index, native_bf16
 from retromae_ds.engine.schedule import lr_at, plan_schedule
 from retromae_ds.errors import UserError
-from tests import engine_runs as R
+from tests.helpers import engine_runs as R
+from tests.helpers.tiny_run import tiny_run
 
 # No --eval-max-length: the default (256) is longer than the tiny model's 128 positions, which the final
 # evaluation must handle (it used to fail there, after training).
@@ -37,8 +39,8 @@ COMMON = ["--micro-batch-size", "4", "--log-interval", "1", "--lr", "1e-3", "--w
 
 def _resolve(json_name: str, precision: str, **cfg_kw) -> dict:
     cfg = C.TrainConfig(**cfg_kw)
-    return C.resolve_deepspeed_config(C.load_deepspeed_json(f"ds_configs/{json_name}"), cfg, world_size=2,
-                                      precision=precision)
+    return ds_config.resolve_deepspeed_config(ds_config.load_deepspeed_json(f"ds_configs/{json_name}"), cfg,
+                                              world_size=2, precision=precision)
 
 
 def test_bf16_checks_overflow_and_accumulates_and_reduces_in_fp32():
@@ -46,13 +48,13 @@ def test_bf16_checks_overflow_and_accumulates_and_reduces_in_fp32():
     assert ds["bf16"]["check_grad_overflow"] is True
     assert ds["data_types"]["grad_accum_dtype"] == "fp32" and ds["communication_data_type"] == "fp32"
     assert "data_types" not in _resolve("zero2.json", "fp32")  # fp32 runs are untouched
-    raw = C.load_deepspeed_json("ds_configs/zero2.json")
+    raw = ds_config.load_deepspeed_json("ds_configs/zero2.json")
     raw["bf16"]["check_grad_overflow"] = False
     with pytest.raises(UserError, match="check_grad_overflow"):
-        C.resolve_deepspeed_config(raw, C.TrainConfig(), world_size=1, precision="bf16")
-    raw = C.load_deepspeed_json("ds_configs/zero2.json")
+        ds_config.resolve_deepspeed_config(raw, C.TrainConfig(), world_size=1, precision="bf16")
+    raw = ds_config.load_deepspeed_json("ds_configs/zero2.json")
     raw["communication_data_type"] = "bf16"  # an explicit choice in the JSON is kept
-    assert C.resolve_deepspeed_config(raw, C.TrainConfig(), world_size=1, precision="bf16")["communication_data_type"] == "bf16"
+    assert ds_config.resolve_deepspeed_config(raw, C.TrainConfig(), world_size=1, precision="bf16")["communication_data_type"] == "bf16"
 
 
 def test_precision_auto_uses_bf16_only_where_the_hardware_has_it():
@@ -60,8 +62,8 @@ def test_precision_auto_uses_bf16_only_where_the_hardware_has_it():
     assert native_bf16("cuda", (8, 0)) and native_bf16("cuda", (9, 0))  # A100, H100
     assert not native_bf16("cpu", None)
     cfg = C.TrainConfig()
-    assert C.resolve_precision(cfg, "cuda", native_bf16("cuda", (7, 0))) == "fp16"
-    assert C.resolve_precision(cfg, "cuda", native_bf16("cuda", (8, 6))) == "bf16"
+    assert ds_config.resolve_precision(cfg, "cuda", native_bf16("cuda", (7, 0))) == "fp16"
+    assert ds_config.resolve_precision(cfg, "cuda", native_bf16("cuda", (8, 6))) == "bf16"
 
 
 def test_offloaded_optimizer_uses_deepspeeds_cpu_adam():
@@ -165,7 +167,7 @@ def _run_two_ranks(script: Path, dirs: list[Path], tmp: Path, resume: str) -> li
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return R.prepare_lee_run(tmp_path_factory.mktemp("scale"), n_docs=80, max_seq_len=32)
+    return tiny_run(tmp_path_factory.mktemp("scale"), n_docs=80, max_seq_len=32)
 
 
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -272,7 +274,7 @@ def test_a_built_wheel_runs_outside_the_checkout(tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    check = ("import retromae_ds, sys; from retromae_ds.config import load_deepspeed_json as l; "
+    check = ("import retromae_ds, sys; from retromae_ds.engine.ds_config import load_deepspeed_json as l; "
              "assert 'site-packages' in retromae_ds.__file__, retromae_ds.__file__; "
              "import retromae_ds.data.loader as m; assert 'site-packages' in m.__file__, m.__file__; "
              "assert l('ds_configs/zero2.json')['zero_optimization']['stage'] == 2; "

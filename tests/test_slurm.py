@@ -1,4 +1,4 @@
-"""`sbatch launch/slurm.sh` on a real Slurm cluster with 2 emulated nodes (tests/slurm_cluster.py),
+"""`sbatch launch/slurm.sh` on a real Slurm cluster with 2 emulated nodes (tests/helpers/slurm_cluster.py),
 and the documented DeepSpeed hostfile.
 
 - the rank layout and environment each task gets (2 nodes x 2 tasks, a tiny entry script);
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import pytest
 
-from tests import engine_runs as R
-from tests.slurm_cluster import FINISHED, LocalSlurm, SlurmUnavailable, ensure_slurm
+from tests.helpers import engine_runs as R
+from tests.helpers.slurm_cluster import FINISHED, LocalSlurm, SlurmUnavailable, ensure_slurm
+from tests.helpers.tiny_run import tiny_bert_config_dir
 
 slurm = pytest.mark.slurm
 
@@ -150,9 +151,8 @@ def test_rank_layout_and_environment(cluster, tmp_path):
 def training(tiny_dataset, minilm_tokenizer_dir, tmp_path_factory):
     """Pretrain flags for a tiny BERT on the tiny Lee dataset (as tests/test_engine.py uses)."""
     root = tmp_path_factory.mktemp("slurm_training")
-    (root / "tiny").mkdir()
-    (root / "tiny" / "config.json").write_text(json.dumps(R.TINY_BERT))
-    flags = ["--data", tiny_dataset, "--model-config", str(root / "tiny"), "--tokenizer", minilm_tokenizer_dir,
+    model = tiny_bert_config_dir(root)
+    flags = ["--data", tiny_dataset, "--model-config", str(model), "--tokenizer", minilm_tokenizer_dir,
              "--deepspeed", "ds_configs/zero2.json", "--micro-batch-size", "4", "--max-steps", str(STEPS),
              "--log-interval", "1", "--lr", "1e-3", "--warmup", "2", "--eval-heldout-docs", "10",
              "--eval-max-length", "64", "--seed", "7"]

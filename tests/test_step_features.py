@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests import engine_runs as R
+from tests.helpers import engine_runs as R
+from tests.helpers.tiny_run import tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -24,11 +25,8 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """Lee news at L = 64 and the tiny BERT without dropout (compiled dropout draws other random numbers)."""
-    setup = R.prepare_lee_run(tmp_path_factory.mktemp("step_features"), n_docs=60, max_seq_len=64)
-    config = setup["root"] / "tiny" / "config.json"
-    config.write_text(json.dumps({**json.loads(config.read_text()), "hidden_dropout_prob": 0.0,
-                                  "attention_probs_dropout_prob": 0.0}))
-    return setup
+    return tiny_run(tmp_path_factory.mktemp("step_features"), n_docs=60, max_seq_len=64,
+                    bert_overrides={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
 
 
 def train(corpus, name: str, extra: list[str], expect_rc: int = 0):

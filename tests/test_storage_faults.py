@@ -18,7 +18,8 @@ import torch
 
 from retromae_ds.engine import checkpoint as ck
 from retromae_ds.errors import UserError
-from tests import engine_runs as R
+from tests.helpers import engine_runs as R
+from tests.helpers.tiny_run import tiny_run
 
 STEPS = 6
 ARGS = ["--micro-batch-size", "4", "--max-steps", str(STEPS), "--log-interval", "1", "--save-interval", "2",
@@ -156,7 +157,7 @@ def _unmount_all():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    return R.prepare_lee_run(tmp_path_factory.mktemp("storage"), n_docs=80, max_seq_len=32)
+    return tiny_run(tmp_path_factory.mktemp("storage"), n_docs=80, max_seq_len=32)
 
 
 def _args(setup, out: Path) -> list[str]:

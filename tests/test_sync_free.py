@@ -23,7 +23,8 @@ from collections import Counter
 import pytest
 import torch
 
-from tests import engine_runs as R
+from tests.helpers import engine_runs as R
+from tests.helpers.tiny_run import tiny_run
 
 pytestmark = pytest.mark.distributed
 
@@ -33,7 +34,7 @@ LOG_EVERY = 4    # so steps 4 and 8 log
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    return R.prepare_lee_run(tmp_path_factory.mktemp("syncs"), n_docs=80, max_seq_len=64)
+    return tiny_run(tmp_path_factory.mktemp("syncs"), n_docs=80, max_seq_len=64)
 
 
 def watched_run(corpus, name: str, extra: list[str]) -> list[dict]:

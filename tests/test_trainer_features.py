@@ -3,21 +3,17 @@ the model the trainer builds. The end-to-end runs are in test_engine.py."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
-from tests import engine_runs as R
+from tests.helpers.tiny_run import tiny_bert_config_dir
 
 
 def build(tmp_path, tokenizer_dir, activation_checkpointing: bool):
     from retromae_ds.config import TrainConfig
     from retromae_ds.engine.build import build_model, load_tokenizer
 
-    folder = tmp_path / "tiny"
-    folder.mkdir(exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(R.TINY_BERT))
+    folder = tiny_bert_config_dir(tmp_path)
     cfg = TrainConfig(data=["unused"], model_config=str(folder), tokenizer=tokenizer_dir, seed=3,
                       activation_checkpointing=activation_checkpointing)
     return build_model(cfg, load_tokenizer(cfg))

@@ -28,6 +28,7 @@ from pathlib import Path
 from retromae_ds import config as config_mod
 from retromae_ds.config import TrainConfig
 from retromae_ds.engine.build import count_params
+from retromae_ds.engine import ds_config
 from retromae_ds.engine.checkpointer import Checkpointer, SaveFailed
 from retromae_ds.engine.distributed import all_reduce_max, all_reduce_sum, barrier, broadcast_object
 from retromae_ds.engine.state import RunState
@@ -359,7 +360,10 @@ class Trainer:
         from retromae_ds.engine.distributed import init_distributed, native_bf16
         from retromae_ds.engine.schedule import plan_schedule
         from retromae_ds.model.positions import token_positions
-        from retromae_ds.monitor import MetricsLogger, ProgressBar, StepProfiler, Throughput
+        from retromae_ds.monitor.metrics import MetricsLogger
+        from retromae_ds.monitor.profiler import StepProfiler
+        from retromae_ds.monitor.progress import ProgressBar
+        from retromae_ds.monitor.throughput import Throughput
 
         cfg = self.cfg
         self.stop_request = StopRequest()
@@ -387,14 +391,14 @@ class Trainer:
 
         # --- DeepSpeed config ---------------------------------------------------------------------
         capability = torch.cuda.get_device_capability(dist.device) if dist.device_type == "cuda" else None
-        self.precision = precision = config_mod.resolve_precision(
+        self.precision = precision = ds_config.resolve_precision(
             cfg, dist.device_type, native_bf16(dist.device_type, capability))
-        ds_config = config_mod.resolve_deepspeed_config(
-            config_mod.load_deepspeed_json(cfg.deepspeed), cfg, world_size=dist.world_size, precision=precision,
+        ds_json = ds_config.resolve_deepspeed_config(
+            ds_config.load_deepspeed_json(cfg.deepspeed), cfg, world_size=dist.world_size, precision=precision,
             source=f"--deepspeed {cfg.deepspeed}")
         self.global_batch = cfg.micro_batch_size * cfg.grad_accum * dist.world_size  # after the JSON set them
         if cfg.compile:
-            self._compile(ds_config)
+            self._compile(ds_json)
 
         # --- what to resume from: rank 0 decides (and sets damaged checkpoints aside), all follow ----
         ckpts = self.checkpointer = Checkpointer(cfg, dist, self.out_dir)
@@ -411,7 +415,7 @@ class Trainer:
 
         # --- the engine ---------------------------------------------------------------------------
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
-                                               config=ds_config)
+                                               config=ds_json)
         self.engine, self.device = engine, engine.device
         ckpts.attach(engine, lambda folder: write_model_files(engine.module, tokenizer, cfg, folder),
                      _run_facts(engine, model, precision))
@@ -463,11 +467,11 @@ class Trainer:
         self.budget = config_mod.parse_time_budget(cfg.time_budget)
         self.started = time.monotonic()
         if dist.is_main and self.state.step == 0:
-            self._print_banner(ds_config, n_train)
+            self._print_banner(ds_json, n_train)
 
-    def _compile(self, ds_config: dict) -> None:
+    def _compile(self, ds_json: dict) -> None:
         cfg = self.cfg
-        if ds_config.get("zero_optimization", {}).get("stage", 0) >= 3:
+        if ds_json.get("zero_optimization", {}).get("stage", 0) >= 3:
             raise UserError(f"--compile with ZeRO-3 ({cfg.deepspeed}): ZeRO-3 gathers each layer's parameters in "
                             f"hooks around its call, which compiled layers do not run through. Use ZeRO-1 or "
                             f"ZeRO-2 (--deepspeed zero1 / zero2) with --compile, or drop --compile.")
@@ -476,9 +480,9 @@ class Trainer:
             print(f"[retromae-ds] --compile: {compiled} layers compiled with torch.compile; the first step "
                   f"builds their kernels (minutes for big models), later steps reuse them.", flush=True)
 
-    def _print_banner(self, ds_config: dict, n_train: int) -> None:
+    def _print_banner(self, ds_json: dict, n_train: int) -> None:
         cfg, world = self.cfg, self.dist.world_size
-        stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+        stage = ds_json.get("zero_optimization", {}).get("stage", 0)
         print(f"[retromae-ds] {cfg.objective} | {count_params(self.model) / 1e6:.1f}M params | ZeRO-{stage} "
               f"{self.precision} | world {world} x micro {cfg.micro_batch_size} x accum {cfg.grad_accum} = "
               f"{self.global_batch}/step | {self.total_steps} steps = "

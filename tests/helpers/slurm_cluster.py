@@ -17,7 +17,7 @@ Needs root (daemons, namespaces) and, when Slurm is missing, apt-get (`ensure_sl
         job = cluster.sbatch(["--nodes=2", "launch/slurm.sh", ...], env=...)
         info = cluster.wait_job(job, timeout=120)
 
-    python -m tests.slurm_cluster [COMMAND ...]   # a shell (or COMMAND) with SLURM_CONF set; then down
+    python -m tests.helpers.slurm_cluster [COMMAND ...]   # a shell (or COMMAND) with SLURM_CONF set; then down
 
 Facts learned on slurm-wlm 22.05 (Debian 12): SlurmctldHost must be `hostname -s`; munged wants its
 socket folder mode 0755 and owned by munge; `ip netns exec` breaks slurmd (it hides /sys/fs/cgroup);
