@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retromae_ds.engine import checkpoint as ckpt
-from retromae_ds.engine.distributed import all_gather_object, all_reduce_max, barrier, broadcast_object
+from retromae_ds.engine.distributed import all_gather_object, all_reduce_max, barrier, broadcast_object, on_rank0
 from retromae_ds.errors import UserError
 
 
@@ -78,7 +78,7 @@ class Checkpointer:
                  for r, (host, sees, where) in enumerate(views) if not sees]
         if blind:
             raise UserError(f"rank 0 resumes from {choice}, but " + "; ".join(blind) + ". Every rank must see the "
-                            f"same --output-dir: put it on a filesystem shared by all nodes.")
+                            "same --output-dir: put it on a filesystem shared by all nodes.")
         marker = ckpt.read_marker(path)
         return ResumePoint(path, marker.get("client_state", {}), int(marker["world_size"]) != self.dist.world_size)
 
@@ -91,17 +91,13 @@ class Checkpointer:
         import torch
         import torch.distributed as tdist
 
-        state, error = None, None
-        if self.dist.is_main:
-            try:
-                state = ckpt.consolidated_fp32_state(point.path)
-                model.load_state_dict(state, strict=True)
-            except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
-                error = f"{err}" if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-        error = broadcast_object(error)
-        if error:
-            raise UserError(f"{point.path}: consolidating the fp32 weights for a resume with a new world size "
-                            f"failed on rank 0: {error}")
+        def consolidate() -> dict:
+            state = ckpt.consolidated_fp32_state(point.path)
+            model.load_state_dict(state, strict=True)
+            return state
+
+        state = on_rank0(consolidate, self.dist.is_main, lambda why: (
+            f"{point.path}: consolidating the fp32 weights for a resume with a new world size failed on rank 0: {why}"))
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             with torch.no_grad():
                 for tensor in model.state_dict().values():  # tied weights: the same storage twice, harmless

@@ -200,6 +200,24 @@ def broadcast_object(obj):
     return box[0]
 
 
+def on_rank0(work, is_main: bool, failure):
+    """`work()` on rank 0 alone, while the others wait: its result on rank 0 (None elsewhere), or, when it
+    raises, the same UserError on every rank (`failure(reason)` words it). Raised on rank 0 only, the
+    others would wait in their next collective until the process-group timeout."""
+    from retromae_ds.errors import UserError
+
+    result, error = None, None
+    if is_main:
+        try:
+            result = work()
+        except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks
+            error = f"{err}" if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
+    error = broadcast_object(error)
+    if error:
+        raise UserError(failure(error))
+    return result
+
+
 def all_gather_object(obj) -> list:
     """Every rank's value of a small picklable object, in rank order, on every rank."""
     import torch.distributed as dist

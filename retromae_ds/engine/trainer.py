@@ -30,7 +30,7 @@ from retromae_ds.config import TrainConfig
 from retromae_ds.engine.build import count_params
 from retromae_ds.engine import ds_config
 from retromae_ds.engine.checkpointer import Checkpointer, SaveFailed
-from retromae_ds.engine.distributed import all_reduce_max, all_reduce_sum, barrier, broadcast_object
+from retromae_ds.engine.distributed import all_reduce_max, all_reduce_sum, barrier, on_rank0
 from retromae_ds.engine.state import RunState
 from retromae_ds.errors import UserError
 
@@ -324,20 +324,15 @@ class Trainer:
         final = self.evaluate(state.step)
         if cfg.export:
             barrier()
-            error = None
-            if dist.is_main:
-                from retromae_ds.engine.export import export_checkpoint
+            from retromae_ds.engine import export
 
-                try:
-                    target = export_checkpoint(path, self.out_dir / "export", overwrite=True)
-                    print(f"[retromae-ds] exported the encoder to {target}", flush=True)
-                except Exception as err:  # noqa: BLE001 - the other ranks wait for rank 0's outcome
-                    error = f"{err}" if isinstance(err, UserError) else f"{type(err).__name__}: {err}"
-            error = broadcast_object(error)  # also the barrier after the export
-            if error:
-                raise UserError(f"exporting {path} to {self.out_dir / 'export'} failed on rank 0: {error}. "
-                                f"Training finished and the checkpoint is complete: run `retromae-ds export {path} "
-                                f"OUT_DIR` once the cause is fixed.")
+            def export_on_rank0() -> None:
+                target = export.export_checkpoint(path, self.out_dir / "export", overwrite=True)
+                print(f"[retromae-ds] exported the encoder to {target}", flush=True)
+
+            on_rank0(export_on_rank0, dist.is_main, lambda why: (  # also the barrier after the export
+                f"exporting {path} to {self.out_dir / 'export'} failed on rank 0: {why}. Training finished and the "
+                f"checkpoint is complete: run `retromae-ds export {path} OUT_DIR` once the cause is fixed."))
         if dist.is_main:
             searched = f", {state.loss_scale_skips} loss-scale skips (fp16)" if self.precision == "fp16" else ""
             print(f"[retromae-ds] done: {state.step} steps, {state.skipped_steps} skipped as NaN/inf{searched}. "
