@@ -149,7 +149,8 @@ def bare_loop(cfg, args) -> float:
     batches = []
     for step in range(args.steps):
         blocks = [data[int(i)][: args.seq_len - 2] for i in sampler.next_global_batch(args.micro_batch)]
-        tokens, lengths = collate_blocks(blocks, pad_id, max_tokens=args.seq_len - 2)
+        tokens, lengths = collate_blocks(blocks, pad_id, pad_to_multiple_of=trainer.loader.pad_multiple,
+                                         max_tokens=args.seq_len - 2)
         plan = masker.plan(tokens.numpy(), lengths.numpy())  # the trainer's static batches (same shapes, no syncs)
         batches.append(masker(tokens.to(engine.device), lengths.to(engine.device),
                               mask_rng(cfg.seed, step, 0, engine.device), plan=plan))

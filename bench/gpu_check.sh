@@ -8,6 +8,8 @@
 #     device, logging every 10 steps, no eval/saves) vs a bare engine loop over the same batches, BERT-base
 #     random init, bf16: tokens/s, MFU, peak memory, trainer / bare ratio, and a torch.profiler summary
 #     (device busy share, kernel launches and syncs per step) -- at L = 512 (ZeRO-1 and ZeRO-2) and L = 128;
+#  1b. padding_L512.json: a ragged corpus (passage-length blocks, bench/bench_padding.py), BERT-base bf16 at
+#     L = 512, random vs --group-by-length batches: padding efficiency and real tokens/s;
 #  2. gpu_check.json: the step-throughput matrix (bench/bench_train.py: same step, no trainer): ZeRO-1/2/3,
 #     bf16/fp16, activation checkpointing, bf16 gradient accumulation, --compile, and micro-batch 16..128
 #     (the batch-size table), tokens/s, TFLOP/s, MFU, peak memory;
@@ -26,6 +28,7 @@ TOK="${TOKENIZER:-.gpu/tokenizer}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$WORK/gpu.txt"
 python3 -m scripts.make_synthetic_data --tokenizer "$TOK" --output "$WORK/synth/data" --blocks 4096 --seq-len 512
 python3 -m scripts.make_synthetic_data --tokenizer "$TOK" --output "$WORK/synth128/data" --blocks 8192 --seq-len 128
+python3 -m scripts.make_synthetic_data --tokenizer "$TOK" --output "$WORK/ragged/data" --blocks 8192 --seq-len 512 --ragged
 mkdir -p "$WORK/bert_base" "$WORK/tiny"
 cat > "$WORK/bert_base/config.json" <<JSON
 {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 768,
@@ -52,6 +55,12 @@ for spec in "zero1 512 32 synth 80" "zero2 512 32 synth 80" "zero1 128 128 synth
     --profile-steps 32-34 --out "$WORK/overhead_$1_L$2.json" > "$WORK/overhead_$1_L$2.log" 2>&1
   echo "overhead $spec exit $?" >&2
 done
+
+echo "== 1b. ragged corpus: random vs length-grouped batches (BERT-base, bf16, L = 512)" >&2
+timeout 120 python3 -m bench.bench_padding --data "$WORK/ragged/data" --model-config "$WORK/bert_base" --tokenizer "$TOK" \
+  --seq-len 512 --micro-batch 32 --steps 30 --log-interval 10 --precision bf16 --repeats 1 --settings random,grouped \
+  --out "$WORK/padding_L512.json" > "$WORK/padding_L512.log" 2>&1
+echo "padding exit $?" >&2
 
 echo "== 2. step throughput matrix + batch sizes" >&2
 timeout 100 python3 -m bench.bench_train --preset bert-base --seq-len "$SEQ_LEN" --micro-batch "$MICRO_BATCH" \
@@ -82,7 +91,7 @@ path = out / "gpu_check.json"
 res = json.loads(path.read_text()) if path.exists() else {"bench_train": "failed, see bench_train.log"}
 long_path = out / "long_context.json"
 res["long_context_8192"] = json.loads(long_path.read_text()) if long_path.exists() else "failed, see long_context.log"
-for name in ("syncs_cuda", "overhead_zero1_L512", "overhead_zero2_L512", "overhead_zero1_L128"):
+for name in ("syncs_cuda", "overhead_zero1_L512", "overhead_zero2_L512", "overhead_zero1_L128", "padding_L512"):
     part = out / f"{name}.json"
     try:
         res[name] = json.loads(part.read_text())
@@ -131,6 +140,12 @@ for name, r in (res.get("settings") or {}).items():
     md.append(f"| {name} | {r.get('micro_batch')} | {num(r.get('tokens_per_s'), ',.0f')} | {num(r.get('tflops_per_device'), '.1f')} "
               f"| {num(r.get('mfu') and 100 * r['mfu'], '.1f')}% | {num(r.get('peak_device_mem_gb'), '.1f')} "
               f"| {next((v for k, v in r.items() if k.startswith('tokens_per_s_vs_')), '-')} | {r.get('loss_finite')} |")
+pad = res.get("padding_L512")
+md += ["", "Ragged corpus, BERT-base bf16, L = 512, micro-batch 32 (bench/bench_padding.py):", "",
+       "| batches | padding efficiency | real tokens/s | vs random |", "| --- | --- | --- | --- |"]
+for name, r in ((pad or {}).get("settings") or {}).items() if isinstance(pad, dict) else []:
+    md.append(f"| {name} | {r['padding_efficiency']} | {num(r['real_tokens_per_s_median'], ',.0f')} "
+              f"| {r['real_tokens_per_s_vs_first']} |")
 syncs = res.get("syncs_cuda")
 md += ["", f"Syncs per step without logging (CUDA): {syncs.get('by_package_without_logging') if isinstance(syncs, dict) else syncs}",
        "", f"Trainer end to end (fp16, ZeRO-2, signal + resume): {json.dumps(res['trainer_fp16_zero2'])}"]

@@ -27,6 +27,9 @@ PANELS = [
     ("eval/lee/pearson_cls", "Lee Pearson, [CLS] cosine"),
     ("eval/heldout/mrr10", "held-out retrieval MRR@10"),
     ("eval/heldout/recall10", "held-out retrieval recall@10"),
+    ("eval/lee/spearman_mean", "Lee Spearman, mean-pooled cosine"),
+    ("eval/heldout/mrr10_mean", "held-out MRR@10, mean pooling"),
+    ("eval/cls_gain", "[CLS] gain (decoder, nats/token)"),  # not logged for mlm (no decoder)
 ]
 
 

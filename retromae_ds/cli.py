@@ -1,4 +1,4 @@
-"""`retromae-ds {prepare,train,export,eval,bench,info,init}`.
+"""`retromae-ds {tokenizer,prepare,train,export,eval,bench,info,init}`.
 
 Each subcommand lives in its own module that exposes `add_arguments(parser)` and `main(args) -> int`.
 Those modules keep heavy imports (torch, deepspeed, datasets) inside functions so that `--help`
@@ -14,6 +14,7 @@ import sys
 from retromae_ds.errors import UserError
 
 COMMANDS = {
+    "tokenizer": ("retromae_ds.data.train_tokenizer", "train a WordPiece/BPE/unigram tokenizer on a corpus"),
     "prepare": ("retromae_ds.data.prepare", "tokenize a corpus into packed memory-mapped blocks (.bin/.idx/.json)"),
     "train": ("retromae_ds.engine.trainer", "pre-train with DeepSpeed (same flags as launch/pretrain.py)"),
     "export": ("retromae_ds.engine.export", "turn a checkpoint into a Hugging Face encoder folder"),

@@ -35,9 +35,17 @@ class TrainConfig:
     data: list = _f([], "prepared dataset prefix(es) written by `retromae-ds prepare` (PREFIX.bin/.idx/.json)")
     data_weights: list = _f([], "blend weights, one per --data prefix (default: proportional to size)")
     max_seq_len: int = _f(0, "tokens per sample incl. [CLS]/[SEP]; 0 = the dataset's max_seq_len; longer blocks are cut")
+    group_by_length: bool = _f(False, "group each global batch from samples of similar length (within windows of "
+                                      "--group-window global batches, shuffled): little padding on corpora of short "
+                                      "documents; the loss is then weighted per token. Resumable, every sample once "
+                                      "per epoch")
+    group_window: int = _f(256, "global batches per length-grouping window (the span over which samples are sorted "
+                                "by length)")
     # --- model ------------------------------------------------------------------------------
     model: str = _f("", "HF masked-LM / encoder folder, or a RetroMAE folder (continues with its decoder)")
-    model_config: str = _f("", "HF config.json or folder to start from random init (needs --tokenizer)")
+    model_config: str = _f("", "start from random init (needs --tokenizer): an HF config.json or folder, or a preset: "
+                               "bert-tiny, bert-mini, bert-small, bert-base, modernbert-base (vocabulary and special "
+                               "ids from --tokenizer, positions from --max-seq-len)")
     tokenizer: str = _f("", "tokenizer folder (default: the one inside --model)")
     objective: str = _f("retromae", "retromae | dupmae | mlm (encoder MLM only: the ablation baseline)",
                         choices=("retromae", "dupmae", "mlm"))
@@ -57,8 +65,17 @@ class TrainConfig:
     time_budget: str = _f("", "stop cleanly (checkpoint + exit 0) after this wall time, e.g. 3600, 90m, 23h30m")
     lr: float = _f(1e-4, "peak learning rate")
     warmup: float = _f(0.1, "warm-up: a fraction of the run if < 1, else a number of steps")
-    schedule: str = _f("linear", "decay after warm-up", choices=("linear", "cosine", "constant"))
+    schedule: str = _f("linear", "decay after warm-up; wsd = warm-up, stable at --lr, then a 1-sqrt decay over the "
+                                 "last --decay-fraction of the run (its decay-start checkpoint is kept)",
+                       choices=("linear", "cosine", "constant", "wsd"))
     min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of --lr")
+    decay_fraction: float = _f(0.2, "wsd: the fraction of the run (at its end) over which the LR decays")
+    new_parts_warmup_steps: int = _f(0, "continuing from a model that lacks an MLM head and/or the decoder (sentence-"
+                                        "transformers, bge, e5: they start random): for the first N optimizer steps "
+                                        "train only those new parts, the encoder's LR held at 0 (x --new-parts-"
+                                        "encoder-lr-ratio), then the schedule's LR (0 = off; no effect from random init)")
+    new_parts_encoder_lr_ratio: float = _f(0.0, "the encoder's LR during --new-parts-warmup-steps, as a fraction of the "
+                                                "scheduled LR (0 = frozen)")
     weight_decay: float = _f(0.01, "AdamW weight decay (never applied to biases and LayerNorm weights)")
     adam_beta1: float = _f(0.9, "AdamW beta1")
     adam_beta2: float = _f(0.999, "AdamW beta2")
@@ -80,7 +97,8 @@ class TrainConfig:
     seed: int = _f(42, "seed of data order, masks, dropout and the decoder's initialisation")
     log_interval: int = _f(10, "log metrics every N steps")
     tensorboard_dir: str = _f("", "TensorBoard folder (default OUTPUT_DIR/tensorboard)")
-    eval_interval: int = _f(0, "evaluate every N steps (0 = only at the end); Lee similarity + held-out retrieval")
+    eval_interval: int = _f(0, "evaluate every N steps (0 = only at the end); Lee similarity, held-out retrieval and "
+                                 "the decoder's [CLS] gain (eval/cls_gain)")
     eval_heldout_docs: int = _f(50, "documents at the end of the first dataset held out for retrieval eval (0 = none)")
     eval_max_length: int = _f(256, "max tokens per text in evaluation")
     export: bool = _f(True, "export the encoder (HF format) to OUTPUT_DIR/export at the end")
@@ -203,6 +221,8 @@ def validate(cfg: TrainConfig) -> None:
 
     need(cfg.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}.")
     need(cfg.grad_accum >= 1, f"--grad-accum must be >= 1, got {cfg.grad_accum}.")
+    need(cfg.group_window >= 1, f"--group-window must be >= 1 (global batches per length-grouping window), "
+                                f"got {cfg.group_window}.")
     need(cfg.max_steps >= 0 and cfg.epochs >= 0, "--max-steps and --epochs must be >= 0.")
     need(0 < cfg.encoder_mask_ratio < 1 and 0 < cfg.decoder_mask_ratio < 1,
          "--encoder-mask-ratio and --decoder-mask-ratio must be in (0, 1).")
@@ -210,6 +230,11 @@ def validate(cfg: TrainConfig) -> None:
     need(cfg.extend_positions >= 0, f"--extend-positions must be >= 0, got {cfg.extend_positions}.")
     need(cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}.")
     need(cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}.")
+    need(cfg.new_parts_warmup_steps >= 0, f"--new-parts-warmup-steps must be >= 0 (optimizer steps), got "
+                                          f"{cfg.new_parts_warmup_steps}.")
+    need(0 <= cfg.new_parts_encoder_lr_ratio <= 1, f"--new-parts-encoder-lr-ratio must be in [0, 1] (a fraction of "
+                                                   f"the scheduled LR), got {cfg.new_parts_encoder_lr_ratio}.")
+    need(0 <= cfg.decay_fraction <= 1, f"--decay-fraction must be in [0, 1] (a fraction of the run), got {cfg.decay_fraction}.")
     need(cfg.keep_last >= 1, f"--keep-last must be >= 1, got {cfg.keep_last}.")
     need(cfg.log_interval >= 1, f"--log-interval must be >= 1, got {cfg.log_interval}.")
     need(not cfg.data_weights or len(cfg.data_weights) == len(cfg.data),

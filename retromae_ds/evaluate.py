@@ -13,7 +13,12 @@ Held-out retrieval on the user's own data: the last documents of the first datas
 training. From each held-out passage (block) a contiguous span is cut out as the query; the target is
 the rest of the passage. Every query searches all held-out targets by [CLS] cosine; we report MRR@10
 and Recall@1/10/100. This is the RetroMAE objective's own promise (the [CLS] vector must carry the
-passage's content), measured on text the model never trained on.
+passage's content), measured on text the model never trained on. The same queries ranked by the cosine
+of mean-pooled embeddings (free: one forward gives both) are reported as ``heldout/mrr10_mean`` etc.
+
+[CLS] gain (``cls_gain``, trainer only: it needs the decoder): on held-out blocks, the decoder's
+reconstruction loss with each passage's own [CLS] vector against the loss with another passage's, in
+nats per token; what the sentence vector carries that the visible tokens do not. See :func:`cls_gain`.
 
 Distributed use: under ZeRO-3 the parameters are gathered collectively during every forward, so all
 ranks must run exactly the same forwards. Everything here is deterministic (fixed order, fixed batch
@@ -329,16 +334,17 @@ def heldout_queries(blocks: Sequence[np.ndarray], *, seed: int = 0, query_fracti
     return _HELDOUT_SPLIT_CACHE[key]
 
 
-def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
-    """MRR@10 and Recall@1/10/100 of 1-based ranks (empty: all 0)."""
+def rank_metrics(ranks: np.ndarray, suffix: str = "") -> dict[str, float]:
+    """MRR@10 and Recall@1/10/100 of 1-based ranks (empty: all 0); ``suffix`` ends every key
+    (``"_mean"``: the mean-pooling keys, e.g. ``heldout/mrr10_mean``)."""
     ranks = np.asarray(ranks)
     if len(ranks) == 0:
-        return {"heldout/mrr10": 0.0, "heldout/recall1": 0.0, "heldout/recall10": 0.0, "heldout/recall100": 0.0}
+        return {f"heldout/{k}{suffix}": 0.0 for k in ("mrr10", "recall1", "recall10", "recall100")}
     return {
-        "heldout/mrr10": float(np.where(ranks <= 10, 1.0 / ranks, 0.0).mean()),
-        "heldout/recall1": float((ranks <= 1).mean()),
-        "heldout/recall10": float((ranks <= 10).mean()),
-        "heldout/recall100": float((ranks <= 100).mean()),
+        f"heldout/mrr10{suffix}": float(np.where(ranks <= 10, 1.0 / ranks, 0.0).mean()),
+        f"heldout/recall1{suffix}": float((ranks <= 1).mean()),
+        f"heldout/recall10{suffix}": float((ranks <= 10).mean()),
+        f"heldout/recall100{suffix}": float((ranks <= 100).mean()),
     }
 
 
@@ -346,26 +352,108 @@ def heldout_retrieval(encoder, blocks: Sequence[np.ndarray], cls_id: int, sep_id
                       seed: int = 0, query_fraction: float = 0.25, min_len: int = 16,
                       max_length: int = 512, batch_size: int = 32, device=None,
                       per_query: bool = False) -> dict:
-    """MRR@10 and Recall@1/10/100 of span -> rest-of-passage retrieval by [CLS] cosine.
+    """MRR@10 and Recall@1/10/100 of span -> rest-of-passage retrieval by [CLS] cosine, and the same
+    by mean-pooled cosine (keys ending in ``_mean``, e.g. ``heldout/mrr10_mean``).
 
     Queries and targets come from :func:`heldout_queries` (passages shorter than ``min_len`` are
-    skipped); each query and each target is embedded exactly once, and each query ranks all targets.
-    The same seed gives the same queries, so numbers are comparable across checkpoints. With
-    ``per_query`` the result also holds "heldout/ranks" (a list of 1-based ranks, in passage order),
-    which the trainer's logger leaves out of metrics.jsonl.
+    skipped); each query and each target is embedded exactly once (one forward gives both poolings), and
+    each query ranks all targets. The same seed gives the same queries, so numbers are comparable across
+    checkpoints. With ``per_query`` the result also holds "heldout/ranks" and "heldout/ranks_mean" (lists
+    of 1-based ranks, in passage order: [CLS], mean pooling), which the trainer's logger leaves out of
+    metrics.jsonl.
     """
     queries, targets = heldout_queries(blocks, seed=seed, query_fraction=query_fraction, min_len=min_len)
     if not queries:
-        result = {**rank_metrics([]), "heldout/num_queries": 0}
-        return {**result, "heldout/ranks": []} if per_query else result
+        result = {**rank_metrics([]), **rank_metrics([], "_mean"), "heldout/num_queries": 0}
+        return {**result, "heldout/ranks": [], "heldout/ranks_mean": []} if per_query else result
     kw = dict(batch_size=batch_size, max_length=max_length, device=device)
-    q_emb = embed_ids(encoder, queries, cls_id, sep_id, pad_id, **kw)["cls"]
-    t_emb = embed_ids(encoder, targets, cls_id, sep_id, pad_id, **kw)["cls"]
-    ranks = retrieval_ranks(q_emb, t_emb)
-    result = {**rank_metrics(ranks), "heldout/num_queries": len(queries)}
+    q_emb = embed_ids(encoder, queries, cls_id, sep_id, pad_id, **kw)
+    t_emb = embed_ids(encoder, targets, cls_id, sep_id, pad_id, **kw)
+    ranks = retrieval_ranks(q_emb["cls"], t_emb["cls"])
+    ranks_mean = retrieval_ranks(q_emb["mean"], t_emb["mean"])
+    result = {**rank_metrics(ranks), **rank_metrics(ranks_mean, "_mean"), "heldout/num_queries": len(queries)}
     if per_query:
         result["heldout/ranks"] = [int(r) for r in ranks]
+        result["heldout/ranks_mean"] = [int(r) for r in ranks_mean]
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# [CLS] gain: how much the decoder relies on the sentence vector
+# --------------------------------------------------------------------------------------------
+
+CLS_GAIN_BLOCKS = 64  # held-out blocks scored per evaluation
+
+
+def _cls_gain_generator(seed: int, device):
+    """The mask generator's random stream for one evaluation: a hash of the run seed only, so every
+    evaluation (and every rank) draws the same masks for the same blocks."""
+    import hashlib
+
+    import torch
+
+    digest = hashlib.blake2b(f"retromae-ds/cls-gain/{int(seed)}".encode(), digest_size=8).digest()
+    generator = torch.Generator(device=torch.device(device))
+    generator.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
+    return generator
+
+
+def cls_gain(model, blocks: Sequence[np.ndarray], masker, *, seed: int = 0, batch_size: int = 32,
+             max_tokens: int | None = None, max_blocks: int = CLS_GAIN_BLOCKS) -> tuple[dict, str | None]:
+    """How much the RetroMAE decoder uses the [CLS] vector: `({"cls_gain": nats per token}, None)`, or
+    `({}, why not)` when it does not apply (objective "mlm": no decoder; fewer than 2 usable blocks).
+
+    Up to ``max_blocks`` of ``blocks`` (ids without specials, cut to ``max_tokens``), picked and ordered
+    by ``numpy.random.default_rng(seed)`` so that neighbours rarely come from one document, are masked by
+    ``masker`` (a MaskGenerator; its device is where everything runs) with a generator seeded from
+    ``seed`` alone, in batches of ``batch_size`` (at least 2; a last batch of one joins the one before).
+    For each batch the model's ``decoder_loss`` scores the decoder's tokens once with every sample's own
+    [CLS] vector and once with the next sample's (sample i decodes from sample i + 1's, rolled within
+    the batch). cls_gain = (summed loss with the neighbour's [CLS] - with its own) / decoder tokens, in
+    nats per token: what the sentence vector tells the decoder about its own passage. Near 0 (or
+    negative) means the bottleneck is not working: the decoder reconstructs from the visible tokens alone.
+
+    Deterministic (same weights, same number): fixed blocks, batches and masks, model in eval mode (no
+    dropout) under no_grad; every submodule gets its previous mode back. All ranks run the same
+    forwards, as ZeRO-3 requires. DupMAE models are scored on the same RetroMAE decoder loss.
+    """
+    import torch
+
+    from retromae_ds.data.masking import collate_blocks
+
+    if getattr(getattr(model, "config", None), "objective", None) == "mlm":
+        return {}, "objective mlm has no decoder, so eval/cls_gain does not apply (not logged)"
+    usable = [i for i, ids in enumerate(blocks) if len(ids) > 0]
+    if len(usable) < 2:
+        return {}, (f"eval/cls_gain needs at least 2 held-out blocks to swap [CLS] vectors between; there are "
+                    f"{len(usable)} (not logged)")
+    chosen = np.random.default_rng(seed).permutation(np.asarray(usable))[:max_blocks]
+    size = max(2, int(batch_size))
+    batches = [chosen[start:start + size] for start in range(0, len(chosen), size)]
+    if len(batches[-1]) == 1:
+        batches[-2:] = [np.concatenate(batches[-2:])]
+    device = masker.continuation.device
+    generator = _cls_gain_generator(seed, device)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.int64, device=device)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                ids = [np.asarray(blocks[i], dtype=np.int64)[:max_tokens] for i in batch]
+                tokens, lengths = collate_blocks(ids, masker.pad_id, max_tokens=max_tokens)
+                inputs = masker(tokens.to(device), lengths.to(device), generator)
+                losses, scored = model.decoder_loss(**inputs, roll_cls=(0, 1))
+                sums += losses.to(torch.float64)
+                count += scored
+    finally:
+        for module, training in modes:
+            module.training = training
+    own, rolled = (sums / count.clamp(min=1)).tolist()
+    # the own-[CLS] loss is also the held-out reconstruction loss per token: comparable across runs whose
+    # training losses are averaged differently (e.g. --group-by-length's token weighting)
+    return {"cls_gain": rolled - own, "heldout/decoder_loss": own}, None
 
 
 # --------------------------------------------------------------------------------------------

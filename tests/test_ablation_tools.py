@@ -245,10 +245,11 @@ def test_item_metric_on_all_items_matches_the_evaluator():
     upper = np.triu(rng.uniform(0, 1, (50, 50)), 1)
     human = upper + upper.T + np.eye(50)
     cos = emb @ emb.T
-    ranks = rng.integers(1, 200, 120)
-    item = {"ranks": ranks, "lee_cls": cos, "lee_mean": cos * 0.5, "lee_human": human,
+    ranks, ranks_mean = rng.integers(1, 200, 120), rng.integers(1, 200, 120)
+    item = {"ranks": ranks, "ranks_mean": ranks_mean, "lee_cls": cos, "lee_mean": cos * 0.5, "lee_human": human,
             "ndcg10_cls": graded_ndcg_per_query(cos, human)}
-    want = {**lee_metrics({"cls": cos, "mean": cos * 0.5}, human), **rank_metrics(ranks)}
+    want = {**lee_metrics({"cls": cos, "mean": cos * 0.5}, human), **rank_metrics(ranks),
+            **rank_metrics(ranks_mean, "_mean")}
     for metric in ablation.CI_METRICS:
         assert ablation.item_metric(item, metric) == pytest.approx(want[metric]), metric
     # a resample with a repeated document pairs it with the others, never with itself

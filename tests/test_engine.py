@@ -149,6 +149,9 @@ def test_zero3_two_ranks_equal_single_process(runs):
     z3, _ = runs.get("z3", "deepspeed", 2, [], ds="zero3")
     assert_same_run(single, z3)
     assert_ran_fp32_zero(runs.probe("z3"), 3, z3)
+    # cls_gain's decoder forwards ran on both ranks (ZeRO-3 gathers collectively), on the same masks
+    gains = [R.metrics(out, kind="eval")[-1]["cls_gain"] for out in (single, z3)]
+    assert gains[1] == pytest.approx(gains[0], abs=1e-4), gains
 
 
 def test_run_outputs_metrics_checkpoints_and_eval(runs):
@@ -161,6 +164,7 @@ def test_run_outputs_metrics_checkpoints_and_eval(runs):
     assert all(r["grad_norm"] > 0 for r in rows)
     evals = R.metrics(z2, kind="eval")
     assert evals and "lee/spearman_cls" in evals[-1] and "heldout/mrr10" in evals[-1]
+    assert isinstance(evals[-1]["cls_gain"], float) and f"cls_gain={evals[-1]['cls_gain']:.4f}" in res.stdout
     from retromae_ds.engine.checkpoint import complete_checkpoints
 
     assert [p.name for p in complete_checkpoints(z2)] == ["step_00000003", "step_00000006"]
@@ -264,6 +268,8 @@ def test_mlm_objective_trains_the_encoder_only(runs, setup):
     out, res = blend_run(runs, setup)
     rows = R.metrics(out)
     assert rows and all(r["decoder_loss"] is None and "bow_loss" not in r for r in rows)
+    evals = R.metrics(out, kind="eval")  # no decoder: cls_gain does not apply, said once
+    assert evals and all("cls_gain" not in r for r in evals) and res.stdout.count("cls_gain does not apply") == 1
     assert all(r["loss"] == pytest.approx(r["encoder_loss"], rel=1e-9) for r in rows)
     assert "decoder_layer" not in runs.probe("mlm_blend")["forwards"]
     start = torch.load(runs.probe_dir("mlm_blend") / "init_state.pt")

@@ -268,14 +268,15 @@ def test_progress_bar_plain_mode_prints_log_lines():
     bar.update(12, None)
     assert buf.getvalue() == ""  # no metrics: nothing to say
     bar.update(20, {"loss": 3.14159, "tokens_per_s": 12345.6, "lr": 1e-4})
-    bar.update(30, {"loss": 2.5, "tokens_per_s": 1000.0})
+    bar.update(30, {"loss": 2.5, "tokens_per_s": 1000.0, "padding_efficiency": 0.9712})
     bar.write("a note")
     bar.close()
     lines = buf.getvalue().splitlines()
     assert len(lines) == 3
     assert "step 20/100 (20.0%)" in lines[0] and "loss 3.1416" in lines[0] and "tok/s 12,346" in lines[0]
     assert "eta " in lines[0] and "lr 0.0001" in lines[0]
-    assert "step 30/100" in lines[1] and "loss 2.5000" in lines[1]
+    assert "step 30/100" in lines[1] and "loss 2.5000" in lines[1] and "real 97%" in lines[1]
+    assert "real" not in lines[0]  # shown only when the run reports it
     assert lines[2] == "a note"
     assert bar.eta_seconds() is not None and bar.eta_seconds() >= 0
 

@@ -29,6 +29,12 @@ class MicroBatch:
     tokens: torch.Tensor   # [B, Lmax] int64 block ids without specials (page-locked when pinning)
     lengths: torch.Tensor  # [B] int64
     plan: BatchPlan        # shapes and bounds of the mask draw, known on the host
+    real_tokens: int       # sum(lengths + 2): the positions that hold a token ([CLS] and [SEP] included)
+
+    @property
+    def computed_tokens(self) -> int:
+        """The positions the model computes: [B, Lmax + 2], padding included."""
+        return self.tokens.shape[0] * (self.tokens.shape[1] + 2)
 
     def to(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tokens.to(device, non_blocking=True), self.lengths.to(device, non_blocking=True)
@@ -38,14 +44,17 @@ class MicroBatchLoader:
     """`submit(global_batch)` -> a future of this rank's micro-batches of that step, in order.
 
     `block_cap`: the most tokens per block (max_seq_len - 2); `static_width`: pad every batch to it
-    (one shape for `torch.compile`) instead of to the longest block rounded up to a multiple of 8.
+    (one shape for `torch.compile`) instead of to the longest block, with the sequence ([CLS] + block +
+    [SEP]) rounded up to a multiple of `pad_multiple`: 8 on accelerators (aligned shapes for their
+    matrix units), 1 on the CPU, where alignment gains nothing and each padding position costs its share.
     """
 
     def __init__(self, dataset, masker: MaskGenerator, pad_id: int, block_cap: int, micro_batch_size: int,
-                 world_size: int, rank: int, grad_accum: int, pin: bool = False, static_width: bool = False) -> None:
+                 world_size: int, rank: int, grad_accum: int, pin: bool = False, static_width: bool = False,
+                 pad_multiple: int = 8) -> None:
         self.dataset, self.masker, self.pad_id, self.block_cap = dataset, masker, pad_id, block_cap
         self.micro_batch_size, self.world_size, self.rank, self.grad_accum = micro_batch_size, world_size, rank, grad_accum
-        self.pin, self.static_width = pin, static_width
+        self.pin, self.static_width, self.pad_multiple = pin, static_width, pad_multiple
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retromae-loader")
 
     def submit(self, global_batch: np.ndarray) -> Future:
@@ -57,12 +66,13 @@ class MicroBatchLoader:
         for k in range(self.grad_accum):
             ids = micro_batch_indices(global_batch, self.micro_batch_size, self.world_size, self.rank, k)
             blocks = [self.dataset[int(i)][:self.block_cap] for i in ids]
-            multiple = self.block_cap + 2 if self.static_width else 8
+            multiple = self.block_cap + 2 if self.static_width else self.pad_multiple
             tokens, lengths = collate_blocks(blocks, self.pad_id, pad_to_multiple_of=multiple, max_tokens=self.block_cap)
             plan = self.masker.plan(tokens.numpy(), lengths.numpy())
+            real = int(lengths.sum()) + 2 * len(blocks)
             if self.pin:
                 tokens, lengths = tokens.pin_memory(), lengths.pin_memory()
-            out.append(MicroBatch(tokens, lengths, plan))
+            out.append(MicroBatch(tokens, lengths, plan, real))
         return out
 
     def close(self) -> None:

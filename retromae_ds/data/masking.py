@@ -171,14 +171,18 @@ def word_break_table(tokenizer) -> torch.Tensor:
     """BoolTensor [len(tokenizer)]: True where the id ENDS with whitespace, so the next id starts a word
     whatever its own form. Only byte-level BPE has such pieces: after a line break the next word carries
     no ``Ġ`` (``.Ċ`` then ``History``), and judged alone it would continue the word before the break.
+    A piece ending in a plain space (``Ġ``) is the exception: byte-level pre-tokenizers attach a space to
+    the text after it, so a next piece without ``Ġ`` is the rest of that word (" illegal" can come out as
+    ``Ġ`` ``il`` ``le`` ``g`` ``al``: one word), and a next word always starts with ``Ġ`` itself.
     All False for the other families (their pieces never end in whitespace)."""
     pieces = _pieces(tokenizer)
     table = torch.zeros(len(pieces), dtype=torch.bool)
     if tokenizer_family(tokenizer) != BYTE_LEVEL_BPE:
         return table
     never = _whole_tokens(tokenizer)
+    breaks = BYTE_LEVEL_WHITESPACE - {"\u0120"}
     for i, piece in enumerate(pieces):
-        table[i] = bool(piece) and piece[-1] in BYTE_LEVEL_WHITESPACE and i not in never
+        table[i] = bool(piece) and piece[-1] in breaks and i not in never
     return table
 
 
@@ -214,8 +218,11 @@ class BatchPlan:
 class MaskGenerator:
     """Builds the six RetroMAE input tensors from packed blocks with torch ops on their device."""
 
-    #: greedy rounds without host syncs (pool path only): None = on accelerators only, since on the CPU
-    #: a sync costs nothing and the compacting rounds do less work. The masks are the same either way.
+    #: sync-free shapes: greedy rounds without host syncs (pool path only) and, with a plan, the heads'
+    #: static row capacity (`encoder_label_capacity`). None = on accelerators only: on the CPU a sync
+    #: costs nothing, the compacting rounds do less work, and the heads then project only the labelled
+    #: rows instead of a fixed capacity that counts padding (measured in docs/data.md, "Ragged corpora").
+    #: The masks are the same either way. --compile / --static-shapes set it (one shape every step).
     sync_free: bool | None = None
 
     def __init__(self, continuation: torch.Tensor, cls_id: int, sep_id: int, pad_id: int, mask_id: int,
@@ -293,9 +300,9 @@ class MaskGenerator:
     @torch.no_grad()
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, generator: torch.Generator,
                  plan: BatchPlan | None = None) -> dict:
-        """The six model inputs. With `plan` (from `self.plan` on the same batch) nothing syncs with the
-        host, the encoder mask is None when no sample is padded, and the batch also carries
-        `encoder_label_capacity`; the masks drawn are the same with or without a plan."""
+        """The six model inputs. With `plan` (from `self.plan` on the same batch) the encoder mask is None
+        when no sample is padded, and where shapes are sync-free (`sync_free`) nothing syncs with the host
+        and the batch also carries `encoder_label_capacity`; the masks drawn are the same either way."""
         device = tokens.device
         batch, width = tokens.shape
         seq_len = width + 2
@@ -368,7 +375,8 @@ class MaskGenerator:
         if plan is not None:
             if not plan.padded:
                 out["encoder_attention_mask"] = None  # all visible: no mask to check, flash attention applies
-            out["encoder_label_capacity"] = plan.encoder_label_capacity
+            if use_sync_free:
+                out["encoder_label_capacity"] = plan.encoder_label_capacity
         return out
 
     def _pooled_decoder_mask(self, word_len, word_of, real, visible_cols, lengths, dec_budget, sync_free: int | None,

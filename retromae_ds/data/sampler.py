@@ -13,6 +13,17 @@ A blend (:class:`retromae_ds.data.indexed.BlendedDataset`) decides which blocks 
 (its weights), so the sampler asks it for the blocks at the permuted positions of that epoch:
 build the sampler with :meth:`GlobalBatchSampler.for_dataset`. The state stays (epoch, consumed).
 
+Length grouping (``--group-by-length``, :class:`LengthGrouping`): blocks are packed per document, so a
+corpus of short documents has short blocks, and a batch padded to its longest member computes mostly
+padding. With grouping, each epoch's permutation is cut into windows of ``window`` global batches;
+within a window the samples are sorted by length (ties keep their random order), cut into global
+batches, and those batches are shuffled. So a global batch holds samples of similar length (every
+rank's micro-batches of a step cost about the same: no straggler at the gradient reduce), the window's
+batches come in random order, and the epoch is still a permutation defined by (seed, epoch) alone:
+the state that resumes it is still (epoch, consumed). The batches are cut for ``grouping.batch``, the
+run's first global batch (kept across resumes, like the LR schedule's), so a resume with another world
+size continues the same order: every sample still once per epoch, batches merely cut elsewhere.
+
 Memory: only the current epoch's permutation is held, as int32 while the count fits (4 bytes per
 sample: 400 MB at 100M samples). numpy fills an int32 array with exactly the permutation it would
 give as int64, so the order, and with it every saved position, is unchanged.
@@ -20,11 +31,26 @@ give as int64, so the order, and with it every saved position, is unchanged.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import numpy as np
 
 from retromae_ds.errors import UserError
 
 INT32_LIMIT = 2**31 - 1
+GROUPING_TAG = 0x6C656E  # a third seed word, so batch shuffles never reuse the epoch permutation's stream
+
+
+@dataclass(frozen=True)
+class LengthGrouping:
+    """Samples grouped by length within windows of ``window`` global batches of ``batch`` samples."""
+
+    batch: int   # the global batch the groups are cut for (the run's first)
+    window: int  # global batches per window
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.window < 1:
+            raise ValueError(f"length grouping needs a positive batch and window, got {self}")
 
 
 def seeded_permutation(seed, n: int, out: np.ndarray | None = None) -> np.ndarray:
@@ -45,14 +71,26 @@ def seeded_permutation(seed, n: int, out: np.ndarray | None = None) -> np.ndarra
     return out
 
 
+def group_window(positions: np.ndarray, lengths: np.ndarray, batch: int, rng: np.random.Generator) -> None:
+    """One window, in place: ``positions`` sorted by ``lengths`` (stable: equal lengths keep the
+    permutation's random order), cut into batches of ``batch``, the whole batches shuffled by ``rng``; a
+    final partial batch stays last (the next epoch completes it)."""
+    positions[:] = positions[np.argsort(lengths, kind="stable")]
+    whole = len(positions) // batch
+    batches = positions[:whole * batch].reshape(whole, batch)
+    positions[:whole * batch] = batches[rng.permutation(whole)].reshape(-1)
+
+
 class GlobalBatchSampler:
     """Hands out the global sample order batch by batch; ``state_dict`` makes it resumable.
 
     ``blend``: an object with ``epoch_samples(epoch, positions)`` (a BlendedDataset) that turns the
     positions of an epoch into the ids the trainer reads; without it, positions are the ids.
+    ``grouping`` (with ``sizes``, the length of every id): group each epoch's samples by length.
     """
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, blend=None) -> None:
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, blend=None,
+                 grouping: LengthGrouping | None = None, sizes=None) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be positive, got {num_samples}")
         if seed < 0:
@@ -60,10 +98,13 @@ class GlobalBatchSampler:
         if blend is not None and blend.samples_per_epoch != num_samples:
             raise ValueError(f"num_samples {num_samples} differs from the blend's {blend.samples_per_epoch} "
                              f"samples per epoch")
+        if grouping is not None and sizes is None:
+            raise ValueError("length grouping needs the sizes of the samples")
         self.num_samples = int(num_samples)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.blend = blend
+        self.grouping, self.sizes = grouping, sizes
         self.epoch = 0
         self.consumed_in_epoch = 0
         self._cached_epoch = -1
@@ -71,11 +112,13 @@ class GlobalBatchSampler:
         self._peeked: tuple | None = None  # ((epoch, consumed, n), ids) of the last peek
 
     @classmethod
-    def for_dataset(cls, dataset, seed: int, shuffle: bool = True) -> "GlobalBatchSampler":
+    def for_dataset(cls, dataset, seed: int, shuffle: bool = True,
+                    grouping: LengthGrouping | None = None) -> "GlobalBatchSampler":
         """The sampler for what the trainer reads: a blend's epochs come from its weights."""
+        sizes = dataset.sizes if grouping is not None else None
         if hasattr(dataset, "epoch_samples"):
-            return cls(dataset.samples_per_epoch, seed, shuffle, blend=dataset)
-        return cls(len(dataset), seed, shuffle)
+            return cls(dataset.samples_per_epoch, seed, shuffle, blend=dataset, grouping=grouping, sizes=sizes)
+        return cls(len(dataset), seed, shuffle, grouping=grouping, sizes=sizes)
 
     @property
     def total_consumed(self) -> int:
@@ -89,8 +132,24 @@ class GlobalBatchSampler:
                 positions = seeded_permutation([self.seed, epoch], self.num_samples)
             else:
                 positions = np.arange(self.num_samples)
+            if self.grouping is not None:
+                positions = self._grouped(positions, epoch)
             self._cached_epoch, self._cached_positions = epoch, positions
         return self._cached_positions
+
+    def _grouped(self, positions: np.ndarray, epoch: int) -> np.ndarray:
+        """The epoch's positions grouped by length, window by window (see the module docstring).
+
+        Windows start at the epoch's first whole global batch: the positions before it complete the
+        batch that began at the end of the previous epoch, and keep their place. Lengths are looked up
+        one window at a time (no epoch-sized temporary)."""
+        batch, size = self.grouping.batch, self.grouping.batch * self.grouping.window
+        offset = min((-epoch * self.num_samples) % batch, self.num_samples)
+        for w, start in enumerate(range(offset, len(positions), size)):
+            part = positions[start:start + size]
+            ids = self.blend.epoch_samples(epoch, part) if self.blend is not None else part
+            group_window(part, self.sizes[ids], batch, np.random.default_rng([self.seed, epoch, w, GROUPING_TAG]))
+        return positions
 
     def _ids(self, epoch: int, start: int, stop: int) -> np.ndarray:
         positions = self._positions(epoch)[start:stop]
@@ -143,7 +202,8 @@ class GlobalBatchSampler:
         return {"num_samples": self.num_samples, "seed": self.seed, "shuffle": self.shuffle,
                 "epoch": self.epoch, "consumed_in_epoch": self.consumed_in_epoch,
                 "total_consumed": self.total_consumed,
-                "blend": self.blend.order_id if self.blend is not None else None}
+                "blend": self.blend.order_id if self.blend is not None else None,
+                "grouping": asdict(self.grouping) if self.grouping is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position; the sample order must be the one that was saved."""
@@ -165,12 +225,26 @@ class GlobalBatchSampler:
                 f"reads {_describe_blend(current_blend)}: the datasets, their sizes or --data-weights "
                 f"changed, so resuming would repeat and skip samples. Resume with the same --data and "
                 f"--data-weights, or start a new run.")
+        current_grouping = asdict(self.grouping) if self.grouping is not None else None
+        if state.get("grouping") != current_grouping:  # checkpoints before grouping had no key: none
+            raise UserError(
+                f"the checkpoint's data order was saved {_describe_grouping(state.get('grouping'))}, but this "
+                f"run has {_describe_grouping(current_grouping)}: the order of the epoch would differ, so "
+                f"resuming would repeat and skip samples. Resume with the checkpoint's --group-by-length and "
+                f"--group-window, or start a new run.")
         epoch, consumed = int(state["epoch"]), int(state["consumed_in_epoch"])
         if epoch < 0 or not 0 <= consumed < self.num_samples:
             raise UserError(f"the checkpoint's data position (epoch {epoch}, {consumed} consumed) is "
                             f"impossible for {self.num_samples} samples; the checkpoint is damaged.")
         self.epoch, self.consumed_in_epoch = epoch, consumed
         self._peeked = None
+
+
+def _describe_grouping(grouping) -> str:
+    if not grouping:
+        return "without length grouping"
+    return (f"with length grouping (windows of {grouping['window']} global batches of {grouping['batch']} "
+            f"samples)")
 
 
 def _describe_blend(order_id) -> str:

@@ -138,7 +138,7 @@ def load_tokenizer(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, tokenizer):
     """RetroMAE wrapper around the encoder; identical initialisation on every rank (seeded)."""
     import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM
+    from transformers import AutoModelForMaskedLM
 
     from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
 
@@ -146,10 +146,7 @@ def build_model(cfg: TrainConfig, tokenizer):
                           ce_chunk_size=cfg.ce_chunk_size or None)
     torch.manual_seed(cfg.seed)
     if cfg.model_config:
-        try:
-            hf_config = AutoConfig.from_pretrained(cfg.model_config)
-        except Exception as err:
-            raise UserError(f"--model-config {cfg.model_config}: not a Hugging Face config ({err}).") from None
+        hf_config = resolve_model_config(cfg, tokenizer)
         if hf_config.vocab_size < len(tokenizer):
             raise UserError(f"--model-config {cfg.model_config}: vocab_size {hf_config.vocab_size} is smaller than "
                             f"the tokenizer's {len(tokenizer)} ids; set vocab_size >= {len(tokenizer)}.")
@@ -165,6 +162,84 @@ def build_model(cfg: TrainConfig, tokenizer):
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
     return model
+
+
+def resolve_model_config(cfg: TrainConfig, tokenizer):
+    """--model-config: an HF config.json or folder (an existing path wins), or a preset name
+    (retromae_ds/model/presets.py). A preset is sized from the tokenizer (vocabulary, special ids) and the
+    training length (position table); resuming a run that started from the same preset reuses the config
+    its checkpoint saved, so a resume never depends on the flags or transformers defaults of the day. A
+    preset caps the tokenizer's model_max_length at the position table (saved with it), so an exported
+    tokenizer never emits more tokens than the model has positions."""
+    from transformers import AutoConfig
+
+    from retromae_ds.model import presets
+
+    name, main = cfg.model_config, os.environ.get("RANK", "0") == "0"
+    if Path(name).exists():
+        if presets.is_preset(name) and main:
+            print(f"[retromae-ds] --model-config {name}: using the file/folder of that name here, not the preset",
+                  flush=True)
+        try:
+            return AutoConfig.from_pretrained(name)
+        except Exception as err:
+            raise UserError(f"--model-config {name}: not a Hugging Face config ({err}).") from None
+    if not presets.is_preset(name):
+        raise UserError(f"--model-config {name}: no such file or folder, and not a preset. Give an HF config.json "
+                        f"or a folder holding one, or a preset: {presets.preset_list()}.")
+    saved = _saved_preset_config(cfg)
+    if saved is not None:
+        config, where = AutoConfig.from_pretrained(saved), f"the config saved in {saved.parent}"
+        if main:
+            print(f"[retromae-ds] --model-config {name}: resuming, so {where} is used "
+                  f"({config.max_position_embeddings} positions, vocab {config.vocab_size})", flush=True)
+    else:
+        length, source = training_length(cfg)
+        config = presets.preset_config(name, tokenizer, length)
+        if main:
+            print(f"[retromae-ds] {presets.describe(name, config, source)}", flush=True)
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit > config.max_position_embeddings:
+        tokenizer.model_max_length = config.max_position_embeddings
+    return config
+
+
+def training_length(cfg: TrainConfig) -> tuple[int, str]:
+    """(tokens per sample, where that came from): --max-seq-len, else the first dataset's max_seq_len
+    (what resolve_max_seq_len trains at)."""
+    if cfg.max_seq_len:
+        return cfg.max_seq_len, f"--max-seq-len {cfg.max_seq_len}"
+    from retromae_ds.data.indexed import dataset_paths, normalize_prefix
+
+    if not cfg.data:
+        raise UserError("a --model-config preset needs --max-seq-len or --data to size its position table.")
+    meta_path = dataset_paths(normalize_prefix(cfg.data[0]))["json"]
+    try:
+        length = int(json.loads(Path(meta_path).read_text())["max_seq_len"])
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"{meta_path}: cannot read the dataset's max_seq_len ({err}); pass --max-seq-len.") from None
+    return length, f"the dataset's max_seq_len {length}"
+
+
+def _saved_preset_config(cfg: TrainConfig) -> Path | None:
+    """The model_config/ folder of the checkpoint this run resumes from, when that run started from the same
+    preset name; None otherwise. Only a look ahead: the trainer's Checkpointer still decides (and verifies)
+    what to resume from; an older checkpoint of the same run holds the same config."""
+    from retromae_ds.engine import checkpoint as ckpt
+
+    if cfg.resume in ("", "none", "no", "false"):
+        return None
+    if cfg.resume == "auto":
+        found = ckpt.complete_checkpoints(cfg.output_dir)
+    else:
+        path = Path(cfg.resume)
+        found = [path] if ckpt.is_complete(path) else ckpt.complete_checkpoints(path) if path.is_dir() else []
+    if not found:
+        return None
+    marker = ckpt.read_marker(found[-1]) or {}
+    started_with = marker.get("client_state", {}).get("config", {}).get("model_config")
+    folder = found[-1] / "model_config"
+    return folder if started_with == cfg.model_config and (folder / "config.json").is_file() else None
 
 
 def apply_extend_positions(model, tokenizer, positions: int) -> None:

@@ -382,15 +382,23 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def is_kept(path: Path) -> bool:
+    """Marked to outlive --keep-last (`"keep": true` in its marker): wsd's decay-start checkpoint."""
+    return bool((read_marker(path) or {}).get("keep"))
+
+
 def prune(output_dir: str | Path, keep_last: int) -> list[Path]:
     """Keep the newest `keep_last` checkpoints that pass the quick check (manifest files present with
     their sizes); delete older good ones and stale incomplete ones. A checkpoint that fails the check
     does not count and is left alone (resume sets it aside), so a damaged newest checkpoint can never
-    cause the last good one to be deleted."""
+    cause the last good one to be deleted. Kept checkpoints (`is_kept`) count among the newest but are
+    never deleted."""
     done = complete_checkpoints(output_dir)
     good = [p for p in done if verify(p, full=False).ok]
     removed = []
     for p in good[:-keep_last] if keep_last > 0 else []:
+        if is_kept(p):
+            continue
         remove_checkpoint(p)
         removed.append(p)
     newest = done[-1] if done else None

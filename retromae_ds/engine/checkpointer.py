@@ -42,6 +42,11 @@ class ResumePoint:
         old = self.client.get("config", {})
         return int(old["micro_batch_size"]) * int(old["grad_accum"]) * int(self.client["world_size"])
 
+    @property
+    def schedule(self) -> dict | None:
+        """The run's schedule as saved (RunSchedule.to_dict()); None in checkpoints from before it was saved."""
+        return self.client.get("schedule")
+
 
 class Checkpointer:
     """`find_resume` and `load_consolidated` before DeepSpeed starts; `attach` to the engine, then
@@ -151,9 +156,10 @@ class Checkpointer:
                 raise UserError(f"{point.path}: DeepSpeed could not load this checkpoint.")
         self._check_compatible(point, fingerprints)
 
-    def save(self, step: int, reason: str, client_state: dict, prune: bool = True) -> Path:
+    def save(self, step: int, reason: str, client_state: dict, prune: bool = True, keep: bool = False) -> Path:
         """Every rank writes its part; the failure of any rank is everyone's (SaveFailed), the partial
-        folder goes, earlier checkpoints stay. Rank 0 writes the manifest, then the marker, last."""
+        folder goes, earlier checkpoints stay. Rank 0 writes the manifest, then the marker, last. `keep`
+        marks the checkpoint to outlive --keep-last (wsd's decay start; see checkpoint.prune)."""
         dist, engine, saver = self.dist, self.engine, self.saver
         path = self.path_for(step)
         if dist.is_main:
@@ -177,7 +183,8 @@ class Checkpointer:
             try:
                 ckpt.fsync_tree(path)
                 ckpt.write_marker(path, {"step": step, "world_size": dist.world_size, "reason": reason,
-                                         **self.run_facts, "client_state": client_state, "hash": ckpt.HASH_NAME,
+                                         **({"keep": True} if keep else {}), **self.run_facts,
+                                         "client_state": client_state, "hash": ckpt.HASH_NAME,
                                          "files": ckpt.build_manifest(path, written)})
             except OSError as err:
                 errors.append((str(path / ckpt.MARKER), ckpt.describe_write_error(err)))

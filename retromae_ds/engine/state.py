@@ -17,6 +17,9 @@ class RunState:
     loss_scale_skips: int = 0  # fp16 steps skipped while DeepSpeed lowered its loss scale (not faults)
     rewarm_from: int | None = None  # step of the last resume with a new world size (the LR re-warms from it)
     first_eval: dict = field(default_factory=dict)  # the evaluation before step 1, for the final comparison
+    # --new-parts-warmup-steps as this run applies it: {"steps", "encoder_lr_ratio", "parts"} (engine/new_parts.py);
+    # {} in checkpoints from before the option (no phase)
+    new_parts_warmup: dict = field(default_factory=dict)
 
     def to_client_state(self) -> dict:
         return dataclasses.asdict(self)

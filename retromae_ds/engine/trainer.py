@@ -31,6 +31,7 @@ from retromae_ds.engine.build import count_params
 from retromae_ds.engine import ds_config
 from retromae_ds.engine.checkpointer import Checkpointer, SaveFailed
 from retromae_ds.engine.distributed import all_reduce_max, all_reduce_sum, barrier, on_rank0
+from retromae_ds.engine import new_parts
 from retromae_ds.engine.state import RunState
 from retromae_ds.errors import UserError
 
@@ -101,6 +102,7 @@ class Trainer:
             state.first_eval = self.evaluate(0)  # the starting point, to compare against
         last_saved = state.step if self.resumed else -1
         reason = "finished"
+        decay_start = False  # wsd: this step is the first to reach the decay start; its checkpoint is kept
         self.engine.train()
         try:
             while self.steps_left() > 0:
@@ -110,7 +112,8 @@ class Trainer:
                 step = state.step
                 finished = self.steps_left() == 0
                 eval_now = bool(cfg.eval_interval) and step % cfg.eval_interval == 0 and not finished
-                save_now = bool(cfg.save_interval) and step % cfg.save_interval == 0 and not finished
+                decay_start = self.sched.reaches_decay_start(self.sampler.total_consumed, self.global_batch)
+                save_now = (bool(cfg.save_interval) and step % cfg.save_interval == 0 or decay_start) and not finished
                 log_now = step % cfg.log_interval == 0 or finished
                 stop = self.agree_on_flags() if (log_now or eval_now or save_now) else None
                 # after the sync: the step that syncs also counts the device work the steps before it queued
@@ -127,7 +130,8 @@ class Trainer:
                     # during a run of NaN/inf steps: save only finite weights, and prune nothing, so the
                     # checkpoint from before the trouble survives whatever DeepSpeed did with the gradients
                     if self.consecutive_bad == 0 or ckpts.weights_finite_everywhere():
-                        self.save("interval", prune=self.consecutive_bad == 0)
+                        self.save("decay-start" if decay_start else "interval", prune=self.consecutive_bad == 0,
+                                  keep=decay_start)
                         last_saved = step
                 if (eval_now or save_now) and not stop:  # a signal may have arrived meanwhile
                     stop = self.stop_flags()
@@ -135,7 +139,7 @@ class Trainer:
                     reason = stop
                     break
             self.bar.close()
-            path = self.save(reason) if last_saved != state.step else ckpts.path_for(state.step)
+            path = self.save(reason, keep=decay_start) if last_saved != state.step else ckpts.path_for(state.step)
         except SaveFailed as failed:
             self.bar.close()
             self.logger.close()
@@ -161,12 +165,15 @@ class Trainer:
 
         cfg, state, engine, sched, sampler = self.cfg, self.state, self.engine, self.sched, self.sampler
         lr = lr_at(sched.position(sampler.total_consumed), peak_lr=cfg.lr, total_steps=sched.total_steps,
-                   warmup=sched.warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio)
+                   warmup=sched.warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio,
+                   decay_start=sched.decay_start)
         if state.rewarm_from is not None and sched.rewarm_steps():
             lr *= min(1.0, (state.step - state.rewarm_from + 1) / sched.rewarm_steps())
+        # --new-parts-warmup-steps: the encoder's groups at a fraction (0) of the LR during the phase (new_parts.py)
+        encoder_lr = lr * self.new_parts.encoder_factor(state.step)
         for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        self.lr = lr
+            group["lr"] = lr if group.get(new_parts.NEW_PART_KEY) else encoder_lr
+        self.lr, self.lr_encoder = lr, encoder_lr
         if self.ahead is None:  # the first step (later ones were submitted one step early)
             self.ahead = self.loader.submit(sampler.peek_global_batch(self.global_batch))
         batch_idx, ready = sampler.next_global_batch(self.global_batch), self.ahead
@@ -186,7 +193,12 @@ class Trainer:
             torch.manual_seed(mix_seed(cfg.seed, state.step, micro_no, 1))  # dropout: same for any resume
             out = engine(**batch)
             nonfinite |= ~torch.isfinite(out.loss.detach())
-            engine.backward(out.loss)
+            self.positions[0] += micro.real_tokens
+            self.positions[1] += micro.computed_tokens
+            # grouped batches: each micro-batch's mean loss counts by its share of the step's tokens, so a
+            # token weighs the same in a batch of short samples as in one of long ones (as in mixed batches)
+            weight = micro.real_tokens * len(micro_batches) * world / self.step_tokens if cfg.group_by_length else 1.0
+            engine.backward(out.loss * weight if weight != 1.0 else out.loss)
             engine.step()
             with torch.no_grad():
                 zero = out.loss.new_zeros(())
@@ -240,14 +252,16 @@ class Trainer:
         cfg, state, engine = self.cfg, self.state, self.engine
         import torch
 
-        sums = all_reduce_sum(torch.cat([self.loss_sum, self.acc_sum[None], self.loss_sum.new_tensor([self.n_micro])]),
-                              self.device)
+        sums = all_reduce_sum(torch.cat([self.loss_sum, self.acc_sum[None], self.loss_sum.new_tensor(self.positions),
+                                         self.loss_sum.new_tensor([self.n_micro])]), self.device)
         count = max(1.0, sums[-1])
         metrics = {"loss": sums[0] / count, "encoder_loss": sums[1] / count, "decoder_loss": sums[2] / count,
                    "encoder_accuracy": sums[4] / count, "lr": self.lr, "grad_norm": _grad_norm(engine),
                    "skipped_steps": state.skipped_steps, "loss_scale_skips": state.loss_scale_skips,
                    "tokens_seen": state.tokens_seen, "samples_seen": self.sampler.total_consumed,
-                   "epoch": self.sampler.epoch}
+                   "epoch": self.sampler.epoch, "padding_efficiency": sums[5] / max(1.0, sums[6])}
+        if self.new_parts.steps:  # --new-parts-warmup-steps: the encoder's LR (0 during the phase)
+            metrics["lr_encoder"] = self.lr_encoder
         if cfg.objective == "mlm":
             metrics["decoder_loss"] = float("nan")  # no decoder: null in metrics.jsonl
         if cfg.objective == "dupmae":
@@ -259,13 +273,15 @@ class Trainer:
         self.logger.log(state.step, metrics)
         self.loss_sum.zero_()
         self.acc_sum.zero_()
+        self.positions = [0, 0]
         self.n_micro = 0
         return metrics
 
     def evaluate(self, step: int) -> dict:
-        """Lee similarity + held-out retrieval of the [CLS] embedding, logged. Runs on every rank (ZeRO-3
-        gathers parameters collectively); results are identical, rank 0 logs them."""
-        from retromae_ds.evaluate import heldout_retrieval, lee_similarity
+        """Lee similarity + held-out retrieval of the [CLS] embedding and the decoder's [CLS] gain on
+        held-out blocks (`cls_gain`), logged. Runs on every rank (ZeRO-3 gathers parameters collectively);
+        results are identical, rank 0 logs them."""
+        from retromae_ds.evaluate import cls_gain, heldout_retrieval, lee_similarity
 
         cfg, module, tokenizer = self.cfg, self.engine.module, self.tokenizer
         results = {}
@@ -279,14 +295,21 @@ class Trainer:
             results.update(heldout_retrieval(module.encoder, self.data.heldout, tokenizer.cls_token_id,
                                              tokenizer.sep_token_id, tokenizer.pad_token_id, seed=cfg.seed,
                                              max_length=self.eval_max_length, device=self.device))
+            gain, why_not = cls_gain(module, self.data.heldout, self.masker, seed=cfg.seed,
+                                     batch_size=cfg.micro_batch_size, max_tokens=self.block_cap)
+            results.update(gain)
+            if why_not and self.dist.is_main and not getattr(self, "_cls_gain_noted", False):
+                print(f"[retromae-ds] {why_not}", flush=True)  # the same reason every evaluation: said once
+                self._cls_gain_noted = True
         self.logger.log(step, results, kind="eval")
         return results
 
-    def save(self, reason: str, prune: bool = True) -> Path:
+    def save(self, reason: str, prune: bool = True, keep: bool = False) -> Path:
         client_state = {**self.state.to_client_state(), "sampler": self.sampler.state_dict(),
                         "config": self.cfg.to_dict(), "data": self.data.fingerprints,
-                        "world_size": self.dist.world_size, "schedule_batch": self.sched.batch}
-        return self.checkpointer.save(self.state.step, reason, client_state, prune=prune)
+                        "world_size": self.dist.world_size, "schedule_batch": self.sched.batch,
+                        "schedule": self.sched.to_dict()}
+        return self.checkpointer.save(self.state.step, reason, client_state, prune=prune, keep=keep)
 
     def steps_left(self) -> int:
         return max(0, math.ceil((self.sched.end_samples - self.sampler.total_consumed) / self.global_batch))
@@ -349,11 +372,11 @@ class Trainer:
 
         from retromae_ds.data.loader import MicroBatchLoader
         from retromae_ds.data.masking import MaskGenerator, continuation_table, word_break_table
-        from retromae_ds.data.sampler import GlobalBatchSampler
+        from retromae_ds.data.sampler import GlobalBatchSampler, LengthGrouping
         from retromae_ds.engine.build import (build_model, load_data, load_tokenizer, param_groups,
                                               resolve_max_seq_len, write_model_files)
         from retromae_ds.engine.distributed import init_distributed, native_bf16
-        from retromae_ds.engine.schedule import plan_schedule
+        from retromae_ds.engine.schedule import plan_schedule, resume_note
         from retromae_ds.model.positions import token_positions
         from retromae_ds.monitor.metrics import MetricsLogger
         from retromae_ds.monitor.profiler import StepProfiler
@@ -400,7 +423,9 @@ class Trainer:
         point = ckpts.find_resume()
         self.resumed = point is not None
         self.sched = plan_schedule(max_steps=cfg.max_steps, epochs=cfg.epochs, warmup=cfg.warmup,
-                                   num_samples=n_train, batch=point.schedule_batch if point else self.global_batch)
+                                   num_samples=n_train, batch=point.schedule_batch if point else self.global_batch,
+                                   schedule=cfg.schedule, decay_fraction=cfg.decay_fraction,
+                                   previous=point.schedule if point else None)
         if self.sched.total_steps <= 0:
             raise UserError("nothing to train: give --max-steps N or --epochs E (> 0).")
         # ZeRO partitions are per-rank: with a new world size, start from the consolidated fp32 weights
@@ -409,8 +434,17 @@ class Trainer:
             else None
 
         # --- the engine ---------------------------------------------------------------------------
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.weight_decay),
-                                               config=ds_json)
+        # --new-parts-warmup-steps: the phase (the checkpoint's, on resume) and, with one, groups split by part
+        self.new_parts, note = new_parts.plan(
+            cfg.new_parts_warmup_steps, cfg.new_parts_encoder_lr_ratio, model,
+            point.client.get("new_parts_warmup") if point else None,
+            int(point.client.get("step", 0)) if point else None, where=str(point.path) if point else "")
+        if note and dist.is_main:
+            print(f"[retromae-ds] {note}", flush=True)
+        groups = param_groups(model, cfg.weight_decay)
+        if self.new_parts.splits_groups():
+            groups = new_parts.param_groups_by_part(groups, model, self.new_parts.parts)
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_json)
         self.engine, self.device = engine, engine.device
         ckpts.attach(engine, lambda folder: write_model_files(engine.module, tokenizer, cfg, folder),
                      _run_facts(engine, model, precision))
@@ -423,10 +457,16 @@ class Trainer:
             special_ids=list(tokenizer.all_special_ids), encoder_mask_ratio=cfg.encoder_mask_ratio,
             decoder_mask_ratio=cfg.decoder_mask_ratio, decoder_mask_pool=cfg.decoder_mask_pool,
             word_breaks=word_break_table(tokenizer)).to(self.device)
-        self.sampler = GlobalBatchSampler.for_dataset(data.train, seed=cfg.seed)
+        static = cfg.compile or cfg.static_shapes
+        if static:
+            self.masker.sync_free = True  # one shape every step (the heads' static capacity), on any device
+        # groups are cut for the run's first global batch, kept across resumes (as the schedule's)
+        grouping = LengthGrouping(batch=self.sched.batch, window=cfg.group_window) if cfg.group_by_length else None
+        self.sampler = GlobalBatchSampler.for_dataset(data.train, seed=cfg.seed, grouping=grouping)
         self.loader = MicroBatchLoader(data.train, self.masker, tokenizer.pad_token_id, self.block_cap,
                                        cfg.micro_batch_size, dist.world_size, dist.rank, cfg.grad_accum,
-                                       pin=self.device.type == "cuda", static_width=cfg.compile or cfg.static_shapes)
+                                       pin=self.device.type == "cuda", static_width=static,
+                                       pad_multiple=1 if self.device.type == "cpu" else 8)
         self.ahead = None  # the next step's micro-batches, loading
 
         # --- the run's state: fresh, or the checkpoint's --------------------------------------------
@@ -441,13 +481,21 @@ class Trainer:
                 note = (f" (new world size: weights restored, optimizer moments reset, LR re-warmed over "
                         f"{self.sched.rewarm_steps()} steps)") if point.reshard else ""
                 print(f"[retromae-ds] resumed from {point.path} at step {self.state.step}{note}", flush=True)
+                changed = resume_note(point.schedule, self.sched, self.sched.position(self.sampler.total_consumed),
+                                      dict(peak_lr=cfg.lr, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
+                if changed:
+                    print(f"[retromae-ds] {changed}", flush=True)
+        self.state.new_parts_warmup = self.new_parts.to_dict()  # what the next checkpoint records
+        if dist.is_main and self.state.step < self.new_parts.steps:
+            print(f"[retromae-ds] {self.new_parts.describe()}", flush=True)
         self.consecutive_bad = 0
         self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
         self.bad_new = torch.zeros((), dtype=torch.int64, device=self.device)
         self.loss_sum = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, enc, dec, bow (local sums)
+        self.positions = [0, 0]  # this rank's [real, computed] token positions since the last log (host ints)
         self.acc_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.n_micro = 0
-        self.lr = 0.0
+        self.lr = self.lr_encoder = 0.0
         self.step_tokens = 0
 
         # --- monitors -------------------------------------------------------------------------------

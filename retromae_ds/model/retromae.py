@@ -9,6 +9,9 @@ being the [B, L, L] matrix mask with 1 = visible; see retromae_ds.data.masking):
     decoded = c_head(query, kv, decoder_attention_mask)        decoder loss: the same MLM head
     loss    = encoder_loss + decoder_loss (+ bow_loss_weight * bag-of-words loss for DupMAE)
 
+decoder_loss(..., roll_cls=(0, 1)) runs the same decoder path with each sample's own [CLS] vector and with
+its neighbour's (the `cls_gain` diagnostic, retromae_ds/evaluate.py).
+
 Objectives: "retromae"; "dupmae" (adds the bag-of-words loss on max-pooled encoder logits);
 "mlm" (encoder MLM only, the ablation baseline fed the same batches; the decoder is not run and
 its parameters are frozen, so optimizers and DeepSpeed never wait for their gradients).
@@ -106,6 +109,10 @@ class RetroMAEForPretraining(nn.Module):
         if self.config.objective == "mlm":
             self.c_head.requires_grad_(False)
         self._checkpoint_decoder = False
+        # The top-level parts that start from fresh random weights, as parameter-name prefixes ("lm.cls",
+        # "c_head"): set by from_pretrained (the MLM head the checkpoint lacked, the decoder a plain encoder
+        # folder has not). None: built around an encoder of unknown provenance (random init): all is new.
+        self.new_parts: tuple[str, ...] | None = None
 
     # --- parts ------------------------------------------------------------------------------------
     @property
@@ -167,16 +174,9 @@ class RetroMAEForPretraining(nn.Module):
 
         decoder_loss = decoder_tokens = None
         if cfg.objective != "mlm":
-            decoded = self._decode(hidden[:, :1], decoder_input_ids, decoder_attention_mask)
             decoder_tokens = (decoder_labels != heads.IGNORE_INDEX).sum()
-            if cfg.fast_heads and static:  # every row but [CLS] and the last ([SEP] or padding): a slice
-                inner = decoder_labels[:, 1:-1]
-                dec_sum, _ = heads.labelled_rows_loss(head, decoded[:, 1:-1], inner, chunk, count_correct=False,
-                                                      capacity=inner.numel())
-            elif cfg.fast_heads:
-                dec_sum, _ = heads.labelled_rows_loss(head, decoded, decoder_labels, chunk, count_correct=False)
-            else:
-                dec_sum, _ = heads.dense_logits_loss(head(decoded), decoder_labels)
+            dec_sum = self._decoder_loss_sum(hidden[:, :1], decoder_input_ids, decoder_attention_mask, decoder_labels,
+                                             static)
             decoder_loss = dec_sum / decoder_tokens.clamp(min=1)
             loss = loss + decoder_loss
         if bow_loss is not None:
@@ -184,6 +184,38 @@ class RetroMAEForPretraining(nn.Module):
         accuracy = (enc_right.float() / encoder_tokens.clamp(min=1)).detach()
         return RetroMAEOutput(loss=loss, encoder_loss=encoder_loss, decoder_loss=decoder_loss, bow_loss=bow_loss,
                               encoder_accuracy=accuracy, encoder_tokens=encoder_tokens, decoder_tokens=decoder_tokens)
+
+    def decoder_loss(self, encoder_input_ids, encoder_attention_mask, decoder_input_ids, decoder_attention_mask,
+                     decoder_labels, roll_cls: tuple[int, ...] = (0,), encoder_labels=None,
+                     encoder_label_capacity: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's reconstruction loss of a batch, with each sample's own [CLS] vector or another's:
+        `(sums, tokens)`, `sums[k]` the summed cross-entropy (fp32, nats) of the decoder's labelled tokens
+        when sample i decodes from the [CLS] vector of sample (i + roll_cls[k]) mod B, `tokens` how many
+        tokens were scored. The encoder runs once; the decoder once per entry, on the same path as
+        forward() (`_decoder_loss_sum`). `(0,)` gives forward()'s decoder loss times its token count.
+        Takes a MaskGenerator batch whole (`encoder_labels`, `encoder_label_capacity` are not used).
+        Used by retromae_ds.evaluate.cls_gain; the caller picks train/eval mode and grad mode."""
+        mask = self._encoder_mask(encoder_attention_mask)
+        cls_hidden = self.lm.base_model(input_ids=encoder_input_ids, attention_mask=mask)[0][:, :1]
+        sums = [self._decoder_loss_sum(cls_hidden.roll(-int(shift), dims=0) if shift else cls_hidden,
+                                       decoder_input_ids, decoder_attention_mask, decoder_labels, static=False)
+                for shift in roll_cls]
+        return torch.stack(sums), (decoder_labels != heads.IGNORE_INDEX).sum()
+
+    def _decoder_loss_sum(self, cls_hidden, decoder_input_ids, decoder_attention_mask, decoder_labels,
+                          static: bool) -> torch.Tensor:
+        """Summed cross-entropy of the decoder's labelled tokens, decoding from `cls_hidden` [B, 1, H]."""
+        head, chunk = self.mlm_head, self.config.ce_chunk_size
+        decoded = self._decode(cls_hidden, decoder_input_ids, decoder_attention_mask)
+        if self.config.fast_heads and static:  # every row but [CLS] and the last ([SEP] or padding): a slice
+            inner = decoder_labels[:, 1:-1]
+            dec_sum, _ = heads.labelled_rows_loss(head, decoded[:, 1:-1], inner, chunk, count_correct=False,
+                                                  capacity=inner.numel())
+        elif self.config.fast_heads:
+            dec_sum, _ = heads.labelled_rows_loss(head, decoded, decoder_labels, chunk, count_correct=False)
+        else:
+            dec_sum, _ = heads.dense_logits_loss(head(decoded), decoder_labels)
+        return dec_sum
 
     def _encoder_mask(self, mask: torch.Tensor | None) -> torch.Tensor | None:
         """The padding mask as the encoder's attention takes it, prepared here when that avoids a sync:
@@ -325,14 +357,20 @@ class RetroMAEForPretraining(nn.Module):
                             f"folder (with {ENCODER_DIR}/); nothing is downloaded at run time.")
         encoder_dir = folder / ENCODER_DIR
         if not encoder_dir.is_dir():
-            return cls(_load_masked_lm(folder), config)
+            lm, fresh_head = _load_masked_lm(folder)
+            model = cls(lm, config)
+            model.new_parts = tuple(f"lm.{name}" for name in fresh_head) + ("c_head",)
+            return model
         if config is None:
             settings = folder / CONFIG_FILE
             config = RetroMAEConfig.from_dict(json.loads(settings.read_text())) if settings.exists() else None
-        model = cls(_load_masked_lm(encoder_dir), config)
+        lm, fresh_head = _load_masked_lm(encoder_dir)
+        model = cls(lm, config)
+        model.new_parts = tuple(f"lm.{name}" for name in fresh_head) + ("c_head",)
         for name in (STATE_FILE, REFERENCE_STATE_FILE):
             if (folder / name).exists():
-                model.load_state_file(folder / name)
+                model.load_state_file(folder / name)  # strict: every part, the head and the decoder included
+                model.new_parts = ()
                 break
         return model
 
@@ -346,7 +384,9 @@ def encoder_layers(base_model: nn.Module) -> nn.ModuleList:
     return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
-def _load_masked_lm(folder: Path) -> nn.Module:
+def _load_masked_lm(folder: Path) -> tuple[nn.Module, tuple[str, ...]]:
+    """(the HF masked-LM model of `folder`, the names of its MLM head modules when the folder lacked
+    weights of that head, which then start random; else ())."""
     from transformers import AutoModelForMaskedLM
 
     if not (folder / "config.json").exists():
@@ -357,8 +397,10 @@ def _load_masked_lm(folder: Path) -> nn.Module:
     except (OSError, ValueError, KeyError) as err:
         raise UserError(f"{folder}: could not load a masked-LM model from this folder ({err}). RetroMAE needs an "
                         f"architecture with a masked-LM head (BERT, RoBERTa, XLM-R, ModernBERT, ...).") from None
-    report_missing_weights(lm, info.get("missing_keys") or [], folder)
-    return lm
+    missing = info.get("missing_keys") or []
+    report_missing_weights(lm, missing, folder)
+    head = heads.find_mlm_head(lm) if missing else ()
+    return lm, head if any(k.startswith(tuple(f"{name}." for name in head)) for k in missing) else ()
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@
 same numbers as TensorBoard scalars. Tag scheme:
     train/<key>   losses, accuracy, lr, grad_norm, loss_scale, skipped_steps, tokens_seen, epoch
     perf/<key>    the keys of `PERF_KEYS` (tokens/s, samples/s, TFLOPs, MFU, step/data-wait time,
-                  peak memory)
+                  peak memory, padding efficiency: real tokens / computed token positions)
     eval/<key>    evaluation records, e.g. eval/lee/spearman_cls, eval/heldout/mrr10
 metrics.jsonl records are {"step": s, "kind": "train" | "eval", **metrics}; non-finite numbers are
 written as null so that the file stays strict JSON (jq, pandas). On resume, records of the
@@ -26,7 +26,7 @@ METRICS_FILE = "metrics.jsonl"
 # apart in the UI.
 PERF_KEYS = frozenset({
     "tokens_per_s", "samples_per_s", "step_time_s", "data_wait_s", "tflops_per_device", "mfu",
-    "peak_host_mem_gb", "peak_device_mem_gb", "peak_tflops",
+    "peak_host_mem_gb", "peak_device_mem_gb", "peak_tflops", "padding_efficiency",
 })
 
 

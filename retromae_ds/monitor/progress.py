@@ -64,6 +64,8 @@ class ProgressBar:
             out["loss"] = f"{metrics['loss']:.4f}"
         if metrics.get("tokens_per_s") is not None:
             out["tok/s"] = f"{metrics['tokens_per_s']:,.0f}"
+        if metrics.get("padding_efficiency") is not None:  # real tokens / computed positions
+            out["real"] = f"{metrics['padding_efficiency']:.0%}"
         return out
 
     def format_line(self, metrics: dict) -> str:

@@ -48,6 +48,7 @@ def synthetic_batch(seed: int = 0, lengths=(20, 13, 6, 17), static: bool = False
     tokens, lens = collate_blocks(blocks, 0)
     generator = synthetic_generator()
     plan = generator.plan(tokens.numpy(), lens.numpy()) if static else None
+    generator.sync_free = static  # the accelerators' path, here on the CPU
     return generator(tokens, lens, mask_rng(seed, 0, 0, "cpu"), plan=plan)
 
 
