@@ -10,7 +10,7 @@ whole cycle repeats --repeats times, so a slow phase of the machine hits every s
         --settings random,grouped,random-static --repeats 3
     python -m bench.bench_padding ... --settings random,baseline --baseline-checkout /tmp/wt99   # another commit
 
-Settings (combine with '+', e.g. `random-static+pad8`):
+Settings (combine with '+' or '-', e.g. `random-static+pad8`, `grouped-static+pad8`):
   random        today's trainer, random batches
   grouped       --group-by-length
   random-static random batches with the accelerators' sync-free shapes on the CPU: the heads score a
@@ -47,7 +47,7 @@ PATCHES = {
 
 
 def run_once(setting: str, args, work: Path, repeat: int) -> dict:
-    parts = setting.split("+")
+    parts = set(setting.replace("+", "-").split("-"))  # e.g. "grouped-static+pad8" -> grouped, static, pad8
     out_dir = work / f"{setting}_{repeat}"
     flags = ["train", "--data", args.data, "--model-config", args.model_config, "--tokenizer", args.tokenizer,
              "--max-seq-len", str(args.seq_len), "--micro-batch-size", str(args.micro_batch),
@@ -58,7 +58,7 @@ def run_once(setting: str, args, work: Path, repeat: int) -> dict:
         flags.append("--group-by-length")
     if "pool0" in parts:
         flags += ["--decoder-mask-pool", "0"]
-    code = "".join(PATCHES[p.split("-")[-1]] for p in parts if p.split("-")[-1] in PATCHES)
+    code = "".join(PATCHES[p] for p in sorted(parts) if p in PATCHES)
     code += f"import sys\nfrom retromae_ds.cli import main\nsys.exit(main({flags!r}))\n"
     checkout = Path(args.baseline_checkout if "baseline" in parts else Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": str(checkout), "OMP_NUM_THREADS": str(args.threads)}

@@ -1,6 +1,8 @@
 """RetroMAE vs MLM (vs DupMAE): same encoder init, same data, same steps, several seeds, with 95% CIs.
 
-    # from a pretrained encoder (the bundled MiniLM; its missing MLM head is initialised from the seed)
+    # from a pretrained encoder (the bundled MiniLM; its missing MLM head is initialised from the seed). With
+    # --model, --lr defaults to 1e-4 and --new-parts-warmup-steps to 10% of --steps (see model_defaults);
+    # experiments/compare_sweeps.py pairs two sweeps, e.g. with and without that warm-up
     OMP_NUM_THREADS=2 python -m experiments.ablation --model MINILM --objectives retromae mlm --seeds 1 2 3 4 \\
         --steps 100 --lr 1e-4 --out-dir runs/ablation_minilm --json experiments/results/ablation_minilm.json \\
         --png experiments/results/curves_minilm.png
@@ -8,6 +10,9 @@
     OMP_NUM_THREADS=2 python -m experiments.ablation --objectives retromae mlm dupmae --seeds 1 2 3 --steps 150 ...
     # GPU preset (one ~8-minute call on an H100/H200): MiniLM, 3 seeds x 1,200 steps x 32 blocks
     python -m experiments.ablation --preset gpu
+    # from scratch on 2 CPU cores (<= 60 min): an 8k WordPiece vocabulary trained on the corpus (default:
+    # the demo corpus; or --corpus FILES... as `prepare` reads them), bert-tiny, retromae/mlm/dupmae x 3 seeds
+    python -m experiments.ablation --preset scratch [--corpus PATH ...]
 
 For each (seed, objective) it runs `launch/pretrain.py` (one process, one after the other), evaluating
 every --eval-interval steps (Lee similarity + held-out retrieval, see retromae_ds/evaluate.py). The seed
@@ -28,6 +33,48 @@ excludes 0. The training encoder MLM loss has no item level: it gets a t-interva
 
 Each run goes to OUT_DIR/<objective>_seed<seed> (log in run.log); a finished run there is reused with
 --reuse. Writes the JSON report, a markdown report (--md) and the curves (experiments/plot_curves.py).
+Pooling: Lee and held-out retrieval are scored on the [CLS] and the mean-pooled embedding (heldout/*_mean,
+same queries), both with intervals. The decoder's [CLS] gain (cls_gain, retromae_ds/evaluate.py) is
+followed over training: the JSON's "eval_curves", a table in the markdown, a panel of the curves.
+
+The scratch preset (--preset scratch; flags after it win). On a raw corpus (--corpus, anything
+`retromae-ds prepare --input` reads; default the demo corpus, written once as OUT_DIR/corpus/demo.jsonl
+because `prepare --demo` only takes MiniLM's tokenizer) it runs `retromae-ds tokenizer` (OUT_DIR/tokenizer)
+and `retromae-ds prepare` with it (OUT_DIR/data/corpus_128); with --reuse both are skipped when their
+settings and inputs are unchanged (OUT_DIR/stamps), and if either had to run no finished run is reused.
+Then bert-tiny (--model-config; sizes: retromae_ds/model/presets.py) x retromae, mlm, dupmae x seeds
+1 2 3, 600 steps of 8 blocks, evaluated every 150 steps. Sized by measurement (2026-12-03, this 2-core
+AMD EPYC shared with 2 other training jobs, load average 4.1-5.2 during the timings): median of 10
+steady-state steps of the trainer's engine over its own batches, as CPU seconds of the process (what a
+core of its own would spend; wall seconds under that load in brackets), OMP_NUM_THREADS=1:
+    bert-tiny, 8k vocab, L 128, 8 blocks: retromae 0.26 (0.36), mlm 0.12 (0.11-0.37), dupmae 0.35 (0.53)
+    the same with MiniLM's 30,522 vocab:  retromae 0.94 (1.39), mlm 0.24 (0.35)
+    bert-mini (4 x 256), 8k vocab:        retromae 0.69 (1.01), mlm 0.43 (0.64)
+    bert-tiny, 16 blocks per step:        retromae 0.56 (0.81)
+    bert-tiny, L 256 (prepared at 256):   retromae 0.63 (0.93)
+  one evaluation (Lee + 346 held-out queries + cls_gain), bert-tiny: retromae 2.2 (3.2), mlm 0.7 (2.4),
+  dupmae 1.5 (4.4) s; bert-mini retromae 5.7 (8.4) s.
+Why: 8k vocabulary, because the decoder predicts every position over the whole vocabulary (MiniLM's
+30k makes a RetroMAE step 3.7x dearer; the 8k WordPiece cuts the demo corpus into 800k tokens, 11% more
+than MiniLM's 721k). L 128: the demo corpus's block length; L 256 costs 2.4x a step. bert-tiny: bert-mini
+costs 2.7x a RetroMAE step and 2.6x an evaluation (retromae + mlm: 1.65 s a step against 0.73 s), so
+it would get ~260 steps in the same time. 8 blocks per step: 16 cost 2.2x (no gain in tokens/s on a
+CPU), and more optimizer steps per token help a short run. 600
+steps = 4,800 blocks, 0.67 epochs of the 7,183 training blocks; 150-step evaluations give 5 points of
+the cls_gain curve. lr 5e-4 (the script's default): in a 300-step RetroMAE probe (seed 1) 1e-3 did no
+better (held-out decoder loss 7.19 for both, cls_gain 1e-4 for both, Lee Spearman [CLS] 0.097 vs 0.088);
+at this scale the encoders barely pass the unigram level, so expect small effects. The trained
+vocabulary is the same set on every run but `retromae-ds tokenizer` numbers equal-count tokens
+differently from run to run (464 of 8,000 ids moved between two trainings), so a rerun without --reuse
+starts from other data ids: keep OUT_DIR (--reuse) to reproduce a report. One thread (--threads 1):
+with 2 threads under that load the same RetroMAE step took 1.38 s and an evaluation 7.4 s (OpenMP
+threads wait for each other when the other core is busy); on a machine of its own 2 threads may be a
+little faster (pass --threads 2). Time per seed = 3 x 11 s start
++ 600 x (0.36 + 0.37 + 0.53) s + 5 x (3.2 + 2.4 + 4.4) s + 3 x 5 s final evaluation ~ 850 s under that
+load; 3 seeds + 15 s preparation + ~70 s bootstrap ~ 44 min (CPU-time figures, a machine of its own:
+~27 min). Without dupmae (--objectives retromae mlm) ~26 min under that load. Check, end to end: the
+preset with --seeds 1 --steps 150 --eval-interval 75 took 187 s at load 2.4-3.1 (runs 56/34/70 s, trainer
+steps 0.27/0.13/0.37 s), which scales to ~27 min for the full preset.
 """
 
 from __future__ import annotations
@@ -214,9 +261,9 @@ def eval_curves(run_dirs: dict[str, list], metrics=CURVE_METRICS) -> dict:
     return curves
 
 
-def curve_table(curves: dict, metric: str, digits: int = 3) -> str:
-    """Rows = evaluation steps, columns = objectives: mean over seeds [min, max] of `metric` ("" when
-    no objective logged it)."""
+def curve_table(curves: dict, metric: str, spec: str = ".3f") -> str:
+    """Rows = evaluation steps, columns = objectives: mean over seeds [min, max] of `metric` in format
+    `spec` ("" when no objective logged it)."""
     have = [o for o in curves if metric in curves[o]]
     if not have:
         return ""
@@ -228,7 +275,7 @@ def curve_table(curves: dict, metric: str, digits: int = 3) -> str:
             c = curves[o][metric]
             if step in c["steps"]:
                 i = c["steps"].index(step)
-                cells.append(f"{c['mean'][i]:.{digits}f} [{c['min'][i]:.{digits}f}, {c['max'][i]:.{digits}f}]")
+                cells.append(f"{c['mean'][i]:{spec}} [{c['min'][i]:{spec}}, {c['max'][i]:{spec}}]")
             else:
                 cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
@@ -304,6 +351,11 @@ def item_metric(item_data: dict, metric: str, idx=None) -> float:
     raise KeyError(metric)
 
 
+def has_items(item_data: dict, metric: str) -> bool:
+    """Whether item_data holds what `metric` needs (no "ranks_mean" in a file from before mean pooling)."""
+    return metric not in HELDOUT_MEAN_METRICS or "ranks_mean" in item_data
+
+
 def num_items(item_data: dict, metric: str) -> int:
     if metric in RETRIEVAL_METRICS or metric in HELDOUT_MEAN_METRICS:
         return len(item_data["ranks"])  # the same queries for both poolings
@@ -370,6 +422,8 @@ def intervals(items: dict[str, list], results: dict[str, list[dict]], pairs: lis
     for a, b in pairs:
         table = {}
         for k, metric in enumerate(CI_METRICS):
+            if not all(has_items(it, metric) for it in items[a] + items[b]):
+                continue  # e.g. mean pooling of a final_eval.npz written before it was evaluated (compare_sweeps)
             ci = paired_bootstrap(items[a], items[b], lambda run, idx, m=metric: item_metric(run, m, idx),
                                   num_items(items[a][0], metric), n_boot=n_boot, seed=seed + k)
             ci["method"] = "two-stage bootstrap (seeds x items), percentile"
@@ -695,7 +749,8 @@ def model_defaults(args) -> None:
     demo and of the RetroMAE reference's pre-training examples (the usual top of BERT fine-tuning rates); 5e-4,
     right for a random init, took MiniLM's held-out MRR@10 from 0.44 to 0.12. And the first 10% of the steps
     train only the fresh MLM head and decoder (--new-parts-warmup-steps), so that the gradients of random parts
-    do not reach the encoder."""
+    do not reach the encoder (one seed, 100 steps: better Lee and mean-pooled retrieval, worse [CLS] retrieval
+    than without; docs/training.md#continuing-from-an-embedding-model)."""
     if args.lr is None:
         args.lr = 1e-4 if args.model else 5e-4
     if args.new_parts_warmup_steps is None:
@@ -784,9 +839,10 @@ GPU_PRESET = ["--objectives", "retromae", "mlm", "--seeds", "1", "2", "3", "--st
 
 # `--preset scratch`: see "The scratch preset" in the module docstring for why each number.
 SCRATCH_PRESET = ["--train-tokenizer", "wordpiece", "--vocab-size", "8000", "--max-seq-len", "128",
-                  "--model-config", "bert-tiny", "--objectives", "retromae", "mlm", "--seeds", "1", "2", "3",
-                  "--steps", "300", "--micro-batch", "8", "--lr", "5e-4", "--eval-interval", "100",
-                  "--log-interval", "10", "--heldout-docs", "125", "--eval-max-length", "128",
+                  "--model-config", "bert-tiny", "--objectives", "retromae", "mlm", "dupmae",
+                  "--seeds", "1", "2", "3", "--steps", "600", "--micro-batch", "8", "--lr", "5e-4",
+                  "--eval-interval", "150", "--log-interval", "10", "--threads", "1",
+                  "--heldout-docs", "125", "--eval-max-length", "128",
                   "--ds-config", "zero2.json", "--out-dir", str(REPO / "runs" / "ablation_scratch"),
                   "--json", str(REPO / "experiments" / "results" / "ablation_scratch.json"),
                   "--md", str(REPO / "experiments" / "results" / "ablation_scratch_tables.md"),
@@ -898,6 +954,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vocab-size", type=int, default=8000, help="with --train-tokenizer (default 8000)")
     ap.add_argument("--max-seq-len", type=int, default=128,
                     help="block length of the data prepared from --corpus / --train-tokenizer (default 128)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS of the runs and of this process's evaluation (default 0: the "
+                         "environment's OMP_NUM_THREADS, else 2 for the runs); the scratch preset sets 1")
     ap.add_argument("--heldout-docs", type=int, default=125,
                     help="last documents of --data held out of training and used for retrieval (default 125: "
                          "309 queries on the demo corpus)")
@@ -934,7 +993,7 @@ def main(argv=None) -> int:
 
     from retromae_ds.engine.build import minilm_path
 
-    if args.preset == "gpu" and not args.model and not args.no_model:
+    if first.preset == "gpu" and not args.model and not args.no_model:  # the expanded argv has no --preset
         args.model = minilm_path()
     if args.no_model:
         args.model = None
@@ -945,6 +1004,11 @@ def main(argv=None) -> int:
         tokenizer = minilm_path()
     model_defaults(args)
     check_scratch_args(ap, args, argv)
+    if args.threads:  # the runs' OMP_NUM_THREADS (run_one, the report's command) and this process's evaluation
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     prep_steps = []
     if args.corpus or args.train_tokenizer:  # tokenizer + data prepared under OUT_DIR (cached with --reuse)
         prep_steps = scratch_plan(args, out_root)
@@ -994,7 +1058,7 @@ def main(argv=None) -> int:
     ci_table = intervals_table(ivals)
     final_table = final_eval_table(items, args.objectives)
     curves = eval_curves(run_dirs)
-    gain_table = curve_table(curves, "cls_gain", digits=4)
+    gain_table = curve_table(curves, "cls_gain", spec=".3g")  # from ~1e-5 (tiny, early) to ~0.2 (MiniLM)
     report = {
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "2") + " python -m experiments.ablation "
                    + " ".join(argv),
@@ -1069,6 +1133,8 @@ def final_eval_table(items: dict[str, list], objectives: list[str], digits: int 
     lines = ["| metric | " + " | ".join("start (init)" if c == "init" else c for c in cols) + " |",
              "|" + " --- |" * (len(cols) + 1)]
     for metric in CI_METRICS:
+        if not all(has_items(it, metric) for c in cols for it in items[c]):
+            continue
         cells = [metric]
         for c in cols:
             v = np.array([item_metric(it, metric) for it in items[c]])

@@ -21,6 +21,15 @@ from tests.helpers.corpora import lee_articles, write_jsonl
 # The preset's flags and plan
 # ------------------------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def _restore_threads(monkeypatch):
+    """ablation.main with --threads sets OMP_NUM_THREADS and torch's threads: undone after each test."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def parse(argv):
     return ablation.build_parser().parse_args(ablation.expand_scratch_preset(argv))
@@ -32,7 +41,8 @@ def test_scratch_preset_flags_and_later_flags_win():
     assert (args.train_tokenizer, args.vocab_size, args.max_seq_len, args.model_config) == \
         ("wordpiece", 8000, 128, "bert-tiny")
     assert args.corpus is None and args.model is None  # the demo corpus, from random init
-    assert args.objectives[:2] == ["retromae", "mlm"] and len(args.seeds) >= 3
+    assert args.objectives == ["retromae", "mlm", "dupmae"] and len(args.seeds) >= 3 and args.threads == 1
+    assert (args.steps, args.micro_batch, args.eval_interval) == (600, 8, 150)
     assert args.out_dir.endswith("ablation_scratch") and args.json.endswith("ablation_scratch.json")
     later = parse(["--steps", "7", "--preset=scratch", "--seeds", "4", "--model-config", "bert-mini",
                    "--corpus", "a.jsonl", "b/"])
@@ -115,6 +125,7 @@ def test_preparation_is_cached_with_reuse_and_redone_when_the_corpus_changes(tmp
     meta = json.loads(Path(data + ".json").read_text())
     assert meta["tokenizer"]["vocab_size"] == 400 and meta["max_seq_len"] == 64
     assert first["command"][first["command"].index("--model-config") + 1] == "bert-tiny"
+    assert os.environ["OMP_NUM_THREADS"] == "1"  # --threads 1 reaches the runs (run_one passes the environment)
 
     # --reuse: both steps skipped, and finished runs may be reused
     again = _main_until_training(monkeypatch, argv + ["--reuse"])
@@ -261,7 +272,12 @@ def test_items_file_keeps_the_mean_ranks_and_an_old_file_is_recomputed(tmp_path)
     np.savez(tmp_path / "old.npz", **{k: v for k, v in item.items() if k in ("ranks", "lee_cls", "lee_mean",
                                                                               "lee_human", "ndcg10_cls")},
              meta=json.dumps({"metrics": item["metrics"], "seconds": item["seconds"]}))
-    assert "ranks_mean" not in ablation.load_items(tmp_path / "old.npz")  # final_items evaluates it again
+    old = ablation.load_items(tmp_path / "old.npz")
+    assert "ranks_mean" not in old  # final_items evaluates it again
+    # compare_sweeps reads such files as they are: their intervals leave mean pooling out
+    ivals = ablation.intervals({"a": [old], "b": [old]}, {}, [("a", "b")], n_boot=20)["a − b"]
+    assert set(ivals) == set(ablation.CI_METRICS) - set(ablation.HELDOUT_MEAN_METRICS)
+    assert "heldout/mrr10_mean" not in ablation.final_eval_table({"a": [old]}, ["a"])
 
 
 def _fake_run(folder: Path, gains: dict[int, float] | None, mrr: float) -> Path:
