@@ -174,18 +174,10 @@ def test_run_outputs_metrics_checkpoints_and_eval(runs):
 def _kill_then_resume(runs, setup, name, launcher, ds, uninterrupted):
     """Kill -9 the whole launcher group after the first checkpoint, rerun the same command
     (launch/pretrain.py itself here, not the probe)."""
-    import time
-
     out = setup["root"] / name
     args = setup["base"] + COMMON + ["--deepspeed", f"ds_configs/{ds}.json", "--output-dir", str(out),
                                      "--resume", "auto"]
-    proc = R.start(launcher, 2, args, setup["root"] / f"{name}.1.log")
-    try:
-        R.wait_for(lambda: (out / "checkpoints" / "step_00000003" / "COMPLETE").exists(), 300, proc)
-        time.sleep(0.3)
-    finally:
-        R.kill_group(proc)
-    assert not (out / "checkpoints" / "step_00000006" / "COMPLETE").exists(), "run finished before the kill"
+    R.kill9_after_checkpoint(launcher, 2, args, out, setup["root"] / f"{name}.1.log", step=3, never=STEPS)
     res = R.run(launcher, 2, args, setup["root"] / f"{name}.2.log")
     assert res.returncode == 0, res.stdout[-6000:]
     assert "resumed from" in res.stdout

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -210,13 +209,7 @@ def test_grouped_run_trains_the_grouped_order_with_little_padding(grouped_run):
 def test_grouped_run_resumes_bit_for_bit_after_kill9(grouped_run):
     out = grouped_run["root"] / "grouped_killed"
     args = grouped_run["base"] + ["--output-dir", str(out), "--resume", "auto"]
-    proc = R.start("torchrun", 2, args, grouped_run["root"] / "killed.1.log")
-    try:
-        R.wait_for(lambda: (out / "checkpoints" / "step_00000003" / "COMPLETE").exists(), 300, proc)
-        time.sleep(0.3)
-    finally:
-        R.kill_group(proc)
-    assert not (out / "checkpoints" / "step_00000006" / "COMPLETE").exists(), "run finished before the kill"
+    R.kill9_after_checkpoint("torchrun", 2, args, out, grouped_run["root"] / "killed.1.log", step=3, never=STEPS)
     res = R.run("torchrun", 2, args, grouped_run["root"] / "killed.2.log")
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-6000:]
     want, got = R.losses(grouped_run["out"]), R.losses(out)

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 
-from retromae_ds.data.readers import DemoReader, FileReader, discover_sources
+from retromae_ds.data.readers import DemoReader, FileReader, add_reading_arguments, discover_sources
 from retromae_ds.data.tokenizer import check_max_seq_len, load_tokenizer
 from retromae_ds.data.workers import default_num_proc, rebatch, tokenizer_pool
 from retromae_ds.errors import UserError
@@ -42,17 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder of a Hugging Face tokenizer (as written by save_pretrained)")
     parser.add_argument("--output", required=True, metavar="PREFIX",
                         help="writes PREFIX.bin, PREFIX.idx and PREFIX.json")
-    parser.add_argument("--text-field", default="text",
-                        help="field/column holding the document text (default: text; ignored for .txt)")
     parser.add_argument("--max-seq-len", type=int, default=None,
                         help=f"model sequence length; blocks hold up to this minus 2 tokens "
                              f"(default {DEFAULT_MAX_SEQ_LEN}, or 128 with --demo)")
     parser.add_argument("--num-proc", type=int, default=None,
                         help="tokenizer processes (default: the CPUs available, at most 8)")
-    parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
-                        help="stop at the first bad record (default), or skip and count bad records")
-    parser.add_argument("--txt-sample-by", choices=("line", "paragraph", "document"), default="line",
-                        help="what one document is in a .txt file (default: line)")
+    add_reading_arguments(parser)
     parser.add_argument("--max-documents", type=int, default=None, metavar="N",
                         help="stop after N input records (for quick runs)")
     parser.add_argument("--demo", action="store_true",

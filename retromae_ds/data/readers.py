@@ -17,6 +17,16 @@ from typing import Iterable, Iterator
 
 from retromae_ds.errors import UserError
 
+
+def add_reading_arguments(parser) -> None:
+    """How documents are read from the inputs: the flags `prepare` and `tokenizer` share (same meaning)."""
+    parser.add_argument("--text-field", default="text",
+                        help="field/column holding the document text (default: text; ignored for .txt)")
+    parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
+                        help="stop at the first bad record (default), or skip and count bad records")
+    parser.add_argument("--txt-sample-by", choices=("line", "paragraph", "document"), default="line",
+                        help="what one document is in a .txt file (default: line)")
+
 READ_BATCH_ROWS = 1000
 FILE_KINDS = {".jsonl": "jsonl", ".json": "json", ".txt": "txt", ".text": "txt", ".csv": "csv",
               ".tsv": "tsv", ".parquet": "parquet"}

@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from retromae_ds.data.readers import DemoReader, FileReader, discover_sources
+from retromae_ds.data.readers import DemoReader, FileReader, add_reading_arguments, discover_sources
 from retromae_ds.errors import UserError
 
 ALGORITHMS = ("wordpiece", "bpe", "unigram")
@@ -92,12 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_MIN_FREQUENCY}); unigram has no such setting")
     parser.add_argument("--model-max-length", type=int, default=512, metavar="N",
                         help="the model's positions, saved as model_max_length (default 512)")
-    parser.add_argument("--text-field", default="text",
-                        help="field/column holding the document text (default: text; ignored for .txt)")
-    parser.add_argument("--on-bad-record", choices=("error", "skip"), default="error",
-                        help="stop at the first bad record (default), or skip and count bad records")
-    parser.add_argument("--txt-sample-by", choices=("line", "paragraph", "document"), default="line",
-                        help="what one document is in a .txt file (default: line)")
+    add_reading_arguments(parser)
     parser.add_argument("--max-documents", type=int, default=None, metavar="N",
                         help="train on the first N input records only (a sample of a huge corpus)")
     parser.add_argument("--max-chars", type=int, default=None, metavar="N",

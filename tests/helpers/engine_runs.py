@@ -119,3 +119,18 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen | None = None, po
         time.sleep(poll)
     raise AssertionError("timed out waiting")
 
+
+
+def kill9_after_checkpoint(launcher: str, nproc: int, args: list[str], out: Path, log: Path, step: int,
+                           never: int, timeout: float = 300) -> None:
+    """Start the run, kill -9 its whole process group once checkpoint `step` is complete, and check the
+    kill came before checkpoint `never` (the run did not simply finish)."""
+    import time
+
+    proc = start(launcher, nproc, args, log)
+    try:
+        wait_for(lambda: (out / "checkpoints" / f"step_{step:08d}" / "COMPLETE").exists(), timeout, proc)
+        time.sleep(0.3)
+    finally:
+        kill_group(proc)
+    assert not (out / "checkpoints" / f"step_{never:08d}" / "COMPLETE").exists(), "run finished before the kill"
