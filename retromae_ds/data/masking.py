@@ -95,14 +95,20 @@ def collate_blocks(blocks: Sequence[np.ndarray], pad_id: int, pad_to_multiple_of
     if len(blocks) == 0:
         raise ValueError("collate_blocks needs at least one block")
     lengths = [len(block) for block in blocks]
-    width = max(lengths)
-    if pad_to_multiple_of and pad_to_multiple_of > 1:
-        padded = -(-(width + 2) // pad_to_multiple_of) * pad_to_multiple_of - 2
-        width = padded if max_tokens is None else max(width, min(padded, max_tokens))
+    width = padded_width(max(lengths), pad_to_multiple_of, max_tokens)
     tokens = np.full((len(blocks), width), pad_id, dtype=np.int64)
     for row, block in enumerate(blocks):
         tokens[row, : len(block)] = block
     return torch.from_numpy(tokens), torch.tensor(lengths, dtype=torch.long)
+
+
+def padded_width(longest: int, pad_to_multiple_of: int | None = 8, max_tokens: int | None = None) -> int:
+    """The block width `collate_blocks` pads a batch to (see there): `longest`, rounded up so that the
+    width + 2 is a multiple of `pad_to_multiple_of`, the rounding capped at `max_tokens`."""
+    if not pad_to_multiple_of or pad_to_multiple_of <= 1:
+        return longest
+    padded = -(-(longest + 2) // pad_to_multiple_of) * pad_to_multiple_of - 2
+    return padded if max_tokens is None else max(longest, min(padded, max_tokens))
 
 
 def tokenizer_family(tokenizer) -> str:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from retromae_ds.data.masking import padded_width
 from retromae_ds.data.sampler import GlobalBatchSampler, LengthGrouping
 
 
-def batch_positions(lengths: np.ndarray, pad_multiple: int = 1) -> tuple[int, int]:
-    """(real, computed) token positions of one micro-batch of blocks of `lengths` (specials excluded)."""
-    width = int(lengths.max()) + 2
-    if pad_multiple > 1:
-        width = -(-width // pad_multiple) * pad_multiple
+def batch_positions(lengths: np.ndarray, pad_multiple: int = 1, max_tokens: int | None = None) -> tuple[int, int]:
+    """(real, computed) token positions of one micro-batch of blocks of `lengths` (specials excluded),
+    padded as `collate_blocks` pads it (`max_tokens`: its cap on the rounding)."""
+    width = padded_width(int(lengths.max()), pad_multiple, max_tokens) + 2
     return int(lengths.sum()) + 2 * len(lengths), len(lengths) * width
 
 
@@ -29,8 +29,8 @@ def expected_efficiency(sizes: np.ndarray, micro_batch_size: int, block_cap: int
 
     `global_batch`: samples per optimizer step (micro-batch x ranks x accumulation; default one
     micro-batch); `group_window` > 0: length-grouped order with windows of that many global batches
-    (`--group-by-length --group-window N`), else today's random order. Rounding to `pad_multiple` is
-    capped at the block capacity, as in `collate_blocks`.
+    (`--group-by-length --group-window N`), else today's random order. Batches are padded as
+    `collate_blocks` pads them (rounding to `pad_multiple` capped at the block capacity).
     """
     sizes = np.minimum(np.asarray(sizes), block_cap)
     global_batch = global_batch or micro_batch_size
@@ -43,6 +43,6 @@ def expected_efficiency(sizes: np.ndarray, micro_batch_size: int, block_cap: int
     for _ in range(steps):
         batch = sizes[sampler.next_global_batch(global_batch)]
         for micro in batch.reshape(-1, micro_batch_size):
-            r, c = batch_positions(micro, pad_multiple)
-            real, computed = real + r, computed + min(c, len(micro) * (block_cap + 2))
+            r, c = batch_positions(micro, pad_multiple, max_tokens=block_cap)
+            real, computed = real + r, computed + c
     return real / computed

@@ -298,9 +298,9 @@ class Trainer:
             gain, why_not = cls_gain(module, self.data.heldout, self.masker, seed=cfg.seed,
                                      batch_size=cfg.micro_batch_size, max_tokens=self.block_cap)
             results.update(gain)
-            if why_not and self.dist.is_main and not getattr(self, "_cls_gain_noted", False):
+            if why_not and self.dist.is_main and not self.cls_gain_noted:
                 print(f"[retromae-ds] {why_not}", flush=True)  # the same reason every evaluation: said once
-                self._cls_gain_noted = True
+                self.cls_gain_noted = True
         self.logger.log(step, results, kind="eval")
         return results
 
@@ -496,6 +496,7 @@ class Trainer:
         self.acc_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.n_micro = 0
         self.lr = self.lr_encoder = 0.0
+        self.cls_gain_noted = False  # why eval/cls_gain does not apply is said once per run
         self.step_tokens = 0
 
         # --- monitors -------------------------------------------------------------------------------
