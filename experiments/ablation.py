@@ -42,39 +42,34 @@ The scratch preset (--preset scratch; flags after it win). On a raw corpus (--co
 because `prepare --demo` only takes MiniLM's tokenizer) it runs `retromae-ds tokenizer` (OUT_DIR/tokenizer)
 and `retromae-ds prepare` with it (OUT_DIR/data/corpus_128); with --reuse both are skipped when their
 settings and inputs are unchanged (OUT_DIR/stamps), and if either had to run no finished run is reused.
-Then bert-tiny (--model-config; sizes: retromae_ds/model/presets.py) x retromae, mlm, dupmae x seeds
-1 2 3, 600 steps of 8 blocks, evaluated every 150 steps. Sized by measurement (2026-12-03, this 2-core
-AMD EPYC shared with 2 other training jobs, load average 4.1-5.2 during the timings): median of 10
-steady-state steps of the trainer's engine over its own batches, as CPU seconds of the process (what a
-core of its own would spend; wall seconds under that load in brackets), OMP_NUM_THREADS=1:
-    bert-tiny, 8k vocab, L 128, 8 blocks: retromae 0.26 (0.36), mlm 0.12 (0.11-0.37), dupmae 0.35 (0.53)
-    the same with MiniLM's 30,522 vocab:  retromae 0.94 (1.39), mlm 0.24 (0.35)
-    bert-mini (4 x 256), 8k vocab:        retromae 0.69 (1.01), mlm 0.43 (0.64)
-    bert-tiny, 16 blocks per step:        retromae 0.56 (0.81)
-    bert-tiny, L 256 (prepared at 256):   retromae 0.63 (0.93)
-  one evaluation (Lee + 346 held-out queries + cls_gain), bert-tiny: retromae 2.2 (3.2), mlm 0.7 (2.4),
-  dupmae 1.5 (4.4) s; bert-mini retromae 5.7 (8.4) s.
-Why: 8k vocabulary, because the decoder predicts every position over the whole vocabulary (MiniLM's
-30k makes a RetroMAE step 3.7x dearer; the 8k WordPiece cuts the demo corpus into 800k tokens, 11% more
-than MiniLM's 721k). L 128: the demo corpus's block length; L 256 costs 2.4x a step. bert-tiny: bert-mini
-costs 2.7x a RetroMAE step and 2.6x an evaluation (retromae + mlm: 1.65 s a step against 0.73 s), so
-it would get ~260 steps in the same time. 8 blocks per step: 16 cost 2.2x (no gain in tokens/s on a
-CPU), and more optimizer steps per token help a short run. 600
-steps = 4,800 blocks, 0.67 epochs of the 7,183 training blocks; 150-step evaluations give 5 points of
-the cls_gain curve. lr 5e-4 (the script's default): in a 300-step RetroMAE probe (seed 1) 1e-3 did no
-better (held-out decoder loss 7.19 for both, cls_gain 1e-4 for both, Lee Spearman [CLS] 0.097 vs 0.088);
-at this scale the encoders barely pass the unigram level, so expect small effects. The trained
-vocabulary is the same set on every run but `retromae-ds tokenizer` numbers equal-count tokens
-differently from run to run (464 of 8,000 ids moved between two trainings), so a rerun without --reuse
-starts from other data ids: keep OUT_DIR (--reuse) to reproduce a report. One thread (--threads 1):
-with 2 threads under that load the same RetroMAE step took 1.38 s and an evaluation 7.4 s (OpenMP
-threads wait for each other when the other core is busy); on a machine of its own 2 threads may be a
-little faster (pass --threads 2). Time per seed = 3 x 11 s start
-+ 600 x (0.36 + 0.37 + 0.53) s + 5 x (3.2 + 2.4 + 4.4) s + 3 x 5 s final evaluation ~ 850 s under that
-load; 3 seeds + 15 s preparation + ~70 s bootstrap ~ 44 min (CPU-time figures, a machine of its own:
-~27 min). Without dupmae (--objectives retromae mlm) ~26 min under that load. Check, end to end: the
-preset with --seeds 1 --steps 150 --eval-interval 75 took 187 s at load 2.4-3.1 (runs 56/34/70 s, trainer
-steps 0.27/0.13/0.37 s), which scales to ~27 min for the full preset.
+Then bert-tiny (--model-config; sizes: retromae_ds/model/presets.py) x retromae, mlm x seeds 1 2 3, 3,600
+steps of 8 blocks at lr 1e-3, evaluated every 400 steps, two runs at a time of one thread each (--jobs 2
+--threads 1). Sized by measurement on this 2-core AMD EPYC (2026-12-03):
+  - How long until the bottleneck works. The 8k vocabulary's unigram entropy on the demo corpus is 7.08 nats
+    per token. The first version of this preset (600 steps, lr 5e-4) stayed there: after
+    300 steps held-out decoder loss 7.19, cls_gain 1e-4, retrieval at chance (lr 1e-3 the same). A 2,000-step pilot at lr 1e-3 (seed 1): the MLM loss leaves the
+    unigram level after ~400 steps (6.95 at 400, 6.50 at 2,000); the decoder's loss stays at 7.0-7.1, and
+    cls_gain is 1e-4 at step 500, 0.003 at 1,000 and 0.042 at 1,500: the decoder starts to read [CLS]
+    between steps 1,000 and 1,500, and retrieval by [CLS] is still at chance there (MRR@10 0.016 vs
+    MLM's 0.014). So the run must be several times that long; 3,600 steps is what 60 minutes allow.
+  - Step cost, two one-thread runs side by side: retromae 0.34 s, mlm 0.16 s, dupmae ~0.45 s (one
+    run alone at one thread: 0.26 / 0.12 / 0.35 s CPU). Two one-thread runs use both cores; one run
+    with two threads does not (its OpenMP threads wait for each other; under load a two-thread RetroMAE
+    step took 1.38 s). Time = 3 seeds x 3,600 x (0.34 + 0.16) s / 2 jobs = 45 min, plus 10 evaluations
+    per run (Lee + 346 held-out queries + cls_gain: 2-4 s each) and start-up, ~48 min. DupMAE does not fit
+    at this length (it would add 3 x 3,600 x 0.45 / 2 s = 40 min); add it with --objectives retromae mlm
+    dupmae and fewer --steps.
+  - 8k vocabulary, because the decoder predicts every position over the whole vocabulary (MiniLM's 30k
+    makes a RetroMAE step 3.7x dearer; the 8k WordPiece cuts the demo corpus into 800k tokens, 11% more
+    than MiniLM's 721k). L 128: the demo corpus's block length; L 256 costs 2.4x a step. bert-tiny:
+    bert-mini costs 2.7x a RetroMAE step, so it would reach the pilot's step 1,500 near the end of the
+    budget. 8 blocks per step: 16 cost 2.2x (no gain in tokens/s on a CPU), and the plateau is left after
+    a number of optimizer steps more than of tokens. lr 1e-3: at 300 steps it did no better than 5e-4
+    (both at the unigram level), so the pilot took the larger one.
+  - 3,600 steps = 28,800 blocks = 4 epochs of the 7,183 training blocks (the demo corpus is small).
+Reproducible: `retromae-ds tokenizer` numbers a WordPiece vocabulary the same way on every run (the
+tokenizers trainer alone moved ~500 of 8,000 ids between two trainings; the report of 2026-12-03 was made
+before that fix, with its own OUT_DIR/tokenizer), so the seeds fix the whole sweep; --reuse skips the work.
 """
 
 from __future__ import annotations
@@ -795,6 +790,32 @@ def run_one(args, objective: str, seed: int, model_cfg: Path | None, tokenizer: 
     return out, wall
 
 
+def run_all(args, model_cfg: Path | None, tokenizer: str):
+    """Yield (seed, objective, run_one's result) for every run, seed-major (a cut-short sweep still leaves
+    complete pairs). With --jobs N, N runs train at once (each a process of --threads threads): on a CPU
+    box one-thread runs side by side use the cores better than one run with their threads, whose OpenMP
+    threads wait for each other. Results come back in the same order whatever finishes first."""
+    order = [(seed, objective) for seed in args.seeds for objective in args.objectives]
+    if args.jobs <= 1:
+        for seed, objective in order:
+            yield seed, objective, run_one(args, objective, seed, model_cfg, tokenizer)
+        return
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    try:
+        futures = [pool.submit(run_one, args, objective, seed, model_cfg, tokenizer) for seed, objective in order]
+        for i, (seed, objective) in enumerate(order):
+            while not futures[i].done():  # a failure of any later run stops the sweep now, not in turn
+                wait([f for f in futures[i:] if not f.done()], return_when=FIRST_COMPLETED)
+                for f in futures[i:]:
+                    if f.done() and not f.cancelled() and f.exception() is not None:
+                        f.result()  # raises (SystemExit with the run log's tail)
+            yield seed, objective, futures[i].result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # runs already started finish; queued ones never start
+
+
 def write_json_atomic(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -839,9 +860,9 @@ GPU_PRESET = ["--objectives", "retromae", "mlm", "--seeds", "1", "2", "3", "--st
 
 # `--preset scratch`: see "The scratch preset" in the module docstring for why each number.
 SCRATCH_PRESET = ["--train-tokenizer", "wordpiece", "--vocab-size", "8000", "--max-seq-len", "128",
-                  "--model-config", "bert-tiny", "--objectives", "retromae", "mlm", "dupmae",
-                  "--seeds", "1", "2", "3", "--steps", "600", "--micro-batch", "8", "--lr", "5e-4",
-                  "--eval-interval", "150", "--log-interval", "10", "--threads", "1",
+                  "--model-config", "bert-tiny", "--objectives", "retromae", "mlm",
+                  "--seeds", "1", "2", "3", "--steps", "3600", "--micro-batch", "8", "--lr", "1e-3",
+                  "--eval-interval", "400", "--log-interval", "10", "--threads", "1", "--jobs", "2",
                   "--heldout-docs", "125", "--eval-max-length", "128",
                   "--ds-config", "zero2.json", "--out-dir", str(REPO / "runs" / "ablation_scratch"),
                   "--json", str(REPO / "experiments" / "results" / "ablation_scratch.json"),
@@ -957,6 +978,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0,
                     help="OMP_NUM_THREADS of the runs and of this process's evaluation (default 0: the "
                          "environment's OMP_NUM_THREADS, else 2 for the runs); the scratch preset sets 1")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs trained at once (default 1); with --threads 1, up to the number of cores (the "
+                         "scratch preset sets 2)")
     ap.add_argument("--heldout-docs", type=int, default=125,
                     help="last documents of --data held out of training and used for retrieval (default 125: "
                          "309 queries on the demo corpus)")
@@ -986,6 +1010,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.steps < 1 or args.eval_interval < 0:
         ap.error("--steps must be >= 1 and --eval-interval >= 0 (0: the trainer evaluates only at the end)")
+    if args.jobs < 1:
+        ap.error("--jobs must be >= 1 (runs trained at once)")
     out_root = Path(args.out_dir)
     json_path = Path(args.json) if args.json else out_root / "ablation.json"
     md_path = Path(args.md) if args.md else out_root / "ablation_tables.md"
@@ -1033,15 +1059,13 @@ def main(argv=None) -> int:
 
     t0 = time.monotonic()
     results, run_dirs, walls, items, eval_seconds = {}, {}, {}, {}, []
-    for seed in args.seeds:  # seed-major: a cut-short sweep still leaves complete pairs
-        for objective in args.objectives:
-            out, wall = run_one(args, objective, seed, model_cfg, tokenizer)
-            results.setdefault(objective, []).append(final_metrics(out))
-            run_dirs.setdefault(objective, []).append(out)
-            walls[f"{objective}_seed{seed}"] = None if wall is None else round(wall, 1)
-            it = final_items(out, blocks, args)
-            items.setdefault(objective, []).append(it)
-            eval_seconds.append(it["seconds"]["total"])
+    for seed, objective, (out, wall) in run_all(args, model_cfg, tokenizer):
+        results.setdefault(objective, []).append(final_metrics(out))
+        run_dirs.setdefault(objective, []).append(out)
+        walls[f"{objective}_seed{seed}"] = None if wall is None else round(wall, 1)
+        it = final_items(out, blocks, args)
+        items.setdefault(objective, []).append(it)
+        eval_seconds.append(it["seconds"]["total"])
     total = time.monotonic() - t0
 
     pairs = [(o, args.baseline) for o in args.objectives if o != args.baseline and args.baseline in args.objectives]

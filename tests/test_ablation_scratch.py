@@ -41,8 +41,8 @@ def test_scratch_preset_flags_and_later_flags_win():
     assert (args.train_tokenizer, args.vocab_size, args.max_seq_len, args.model_config) == \
         ("wordpiece", 8000, 128, "bert-tiny")
     assert args.corpus is None and args.model is None  # the demo corpus, from random init
-    assert args.objectives == ["retromae", "mlm", "dupmae"] and len(args.seeds) >= 3 and args.threads == 1
-    assert (args.steps, args.micro_batch, args.eval_interval) == (600, 8, 150)
+    assert args.objectives == ["retromae", "mlm"] and len(args.seeds) >= 3 and (args.threads, args.jobs) == (1, 2)
+    assert (args.steps, args.micro_batch, args.lr, args.eval_interval) == (3600, 8, 1e-3, 400)
     assert args.out_dir.endswith("ablation_scratch") and args.json.endswith("ablation_scratch.json")
     later = parse(["--steps", "7", "--preset=scratch", "--seeds", "4", "--model-config", "bert-mini",
                    "--corpus", "a.jsonl", "b/"])
@@ -318,3 +318,50 @@ def test_cls_gain_curves_tables_and_summary(tmp_path):
     assert rows["| cls_gain"] == "| cls_gain | 0.000 | 0.450 ± 0.212 | — |"
     paired = ablation.paired_table(summary, "mlm")
     assert "| cls_gain | — |" in paired and "| heldout/mrr10_mean | +0.100 ± 0.000 |" in paired
+
+
+# ------------------------------------------------------------------------------------------------
+# --jobs: runs side by side, results in sweep order
+# ------------------------------------------------------------------------------------------------
+
+def test_jobs_run_side_by_side_and_report_in_sweep_order(monkeypatch):
+    import threading
+    import time
+
+    lock, running, peak, started = threading.Lock(), [0], [0], []
+
+    def fake_run_one(args, objective, seed, model_cfg, tokenizer):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            started.append((seed, objective))
+        time.sleep(0.3 if (seed, objective) == (1, "retromae") else 0.01)  # later runs finish first
+        with lock:
+            running[0] -= 1
+        if (seed, objective) == (1, "mlm") and args.fail:
+            raise SystemExit("mlm seed 1 failed")
+        return Path(f"{objective}_seed{seed}"), 1.0
+
+    monkeypatch.setattr(ablation, "run_one", fake_run_one)
+    order = [(s, o) for s in (1, 2, 3) for o in ("retromae", "mlm")]
+    for jobs in (1, 2, 3):
+        args = parse(["--seeds", "1", "2", "3", "--objectives", "retromae", "mlm", "--jobs", str(jobs)])
+        args.fail = False
+        peak[0] = 0
+        got = [(s, o, out.name) for s, o, (out, _) in ablation.run_all(args, None, "tok")]
+        assert got == [(s, o, f"{o}_seed{s}") for s, o in order]
+        assert peak[0] == jobs  # never more at once than asked, and as many as asked
+
+    # a failed run stops the sweep while an earlier run still trains: queued runs never start
+    args = parse(["--seeds", "1", "2", "3", "--objectives", "retromae", "mlm", "--jobs", "2"])
+    args.fail = True
+    started.clear()
+    with pytest.raises(SystemExit, match="mlm seed 1 failed"):
+        list(ablation.run_all(args, None, "tok"))
+    assert len(started) <= 3, started  # seed 1's two runs, and at most the one its free worker took
+
+
+def test_jobs_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        ablation.main(["--jobs", "0", "--png", "none"])
+    assert "--jobs must be >= 1" in capsys.readouterr().err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 
@@ -353,3 +354,25 @@ def test_help_imports_nothing_heavy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert "tokenizer" in cli.COMMANDS
+
+
+def test_wordpiece_ids_are_the_same_run_to_run(tmp_path, lee_jsonl, trained, monkeypatch):
+    """Two trainings on the same text give the same ids (the trainer alone numbered ~500 of 8,000 differently),
+    special tokens keep the family's ids, and renumbering changes no segmentation."""
+    from retromae_ds.data import train_tokenizer
+
+    again, raw = tmp_path / "again", tmp_path / "raw"
+    assert run_cli("--input", lee_jsonl, "--algorithm", "wordpiece", "--vocab-size", str(VOCAB),
+                   "--output", str(again)) == 0
+    first = json.loads((Path(trained["wordpiece"]) / "tokenizer.json").read_text())["model"]["vocab"]
+    assert json.loads((again / "tokenizer.json").read_text())["model"]["vocab"] == first
+    specials = train_tokenizer.FAMILIES["wordpiece"].specials
+    assert [first[t] for t in specials] == list(range(len(specials)))
+    assert [first[t] for t in sorted(set(first) - set(specials))] == list(range(len(specials), len(first)))
+
+    monkeypatch.setattr(train_tokenizer, "canonical_wordpiece_ids", lambda backend: backend)  # the trainer's ids
+    assert run_cli("--input", lee_jsonl, "--algorithm", "wordpiece", "--vocab-size", str(VOCAB),
+                   "--output", str(raw)) == 0
+    ours, theirs = load(trained["wordpiece"]), load(str(raw))
+    for text in sample_texts():
+        assert ours.tokenize(text) == theirs.tokenize(text)

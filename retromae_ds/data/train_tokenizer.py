@@ -285,7 +285,28 @@ def train(reader, settings: Settings, *, max_documents: int | None = None, max_c
         minimum = (unigram_minimum(backend, counts) if settings.algorithm == "unigram"
                    else backend.get_vocab_size())
         raise too_small(settings, minimum)
+    if settings.algorithm == "wordpiece":
+        backend = canonical_wordpiece_ids(backend)
     return Trained(wrap(backend, settings), settings, counts, list(reader.sources), reader.skipped_bad_records)
+
+
+def canonical_wordpiece_ids(backend):
+    """The same vocabulary with ids that do not depend on the run: special tokens keep theirs, every other
+    token is numbered in sorted order. The WordPiece trainer numbers the continuation alphabet ("##a", ...)
+    in hash-map order and breaks ties between equally frequent merges arbitrarily, so two trainings on the
+    same text gave the same 8,000 tokens with ~500 different ids, and a model trained from random init on
+    data prepared with one could not be reproduced with the other. WordPiece cuts words by the longest
+    piece in the vocabulary, whatever the ids, so renumbering changes no segmentation. (Byte-level BPE
+    came out identical run to run; the unigram trainer's scores vary in the third decimal, which no
+    renumbering fixes.)"""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    fixed = {token["content"]: token["id"] for token in spec["added_tokens"]}
+    free = sorted(set(range(len(vocab))) - set(fixed.values()))
+    spec["model"]["vocab"] = {**fixed, **dict(zip(sorted(t for t in vocab if t not in fixed), free))}
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def too_small(settings: Settings, minimum: int) -> UserError:
