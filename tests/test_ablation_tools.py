@@ -282,12 +282,13 @@ def tiny_encoder_without_head(tmp_path_factory, minilm_tokenizer_dir):
     return folder
 
 
-def test_model_mode_two_seeds_two_objectives(tiny_encoder_without_head, tiny_dataset, tmp_path, capsys):
+def test_model_mode_two_seeds_two_objectives(tiny_encoder_without_head, tiny_dataset, tmp_path, capsys, monkeypatch):
     import numpy as np
 
     out = tmp_path / "runs"
     report_path = tmp_path / "report.json"
-    rc = ablation.main(["--model", str(tiny_encoder_without_head), "--objectives", "retromae", "mlm",
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the runs' threads: two one-thread runs at a time (--jobs 2)
+    rc = ablation.main(["--model", str(tiny_encoder_without_head), "--objectives", "retromae", "mlm", "--jobs", "2",
                         "--seeds", "1", "2", "--steps", "2", "--eval-interval", "2", "--log-interval", "1",
                         "--micro-batch", "4", "--data", tiny_dataset, "--heldout-docs", "10", "--n-boot", "200",
                         "--out-dir", str(out), "--json", str(report_path), "--png", "none"])
