@@ -47,19 +47,20 @@ steps of 8 blocks at lr 1e-3, evaluated every 400 steps, two runs at a time of o
 --threads 1). Sized by measurement on this 2-core AMD EPYC (2026-12-03):
   - How long until the bottleneck works. The 8k vocabulary's unigram entropy on the demo corpus is 7.08 nats
     per token. The first version of this preset (600 steps, lr 5e-4) stayed there: after
-    300 steps held-out decoder loss 7.19, cls_gain 1e-4, retrieval at chance (lr 1e-3 the same). A 2,000-step pilot at lr 1e-3 (seed 1): the MLM loss leaves the
-    unigram level after ~400 steps (6.95 at 400, 6.50 at 2,000); the decoder's loss stays at 7.0-7.1, and
+    300 steps held-out decoder loss 7.19, cls_gain 1e-4, retrieval at chance (lr 1e-3 the same).
+    A 2,000-step pilot at lr 1e-3 (seed 1): the MLM loss leaves the unigram level after ~400 steps
+    (6.95 at 400, 6.50 at 2,000); the decoder's loss stays at 7.0-7.1, and
     cls_gain is 1e-4 at step 500, 0.003 at 1,000 and 0.042 at 1,500: the decoder starts to read [CLS]
     between steps 1,000 and 1,500, and retrieval by [CLS] is still at chance there (MRR@10 0.016 vs
     MLM's 0.014). So the run must be several times that long; 3,600 steps is what 60 minutes allow.
   - Step cost, two one-thread runs side by side: retromae 0.34 s, mlm 0.16 s, dupmae ~0.45 s (one
-    run alone at one thread: 0.26 / 0.12 / 0.35 s CPU; dupmae's side-by-side figure is scaled from those). Two one-thread runs use both cores; one run
-    with two threads does not (its OpenMP threads wait for each other; under load a two-thread RetroMAE
-    step took 1.38 s). Time = 3 seeds x 3,600 x (0.34 + 0.16) s / 2 jobs = 45 min, plus 10 evaluations
+    run alone at one thread: 0.26 / 0.12 / 0.35 s CPU; dupmae's side-by-side figure is scaled from
+    those). Two one-thread runs use both cores; one run with two threads does not (its OpenMP threads
+    wait for each other; under load a two-thread RetroMAE step took 1.38 s). Time = 3 seeds x 3,600 x (0.34 + 0.16) s / 2 jobs = 45 min, plus 10 evaluations
     per run (Lee + 346 held-out queries + cls_gain: 2-4 s each) and start-up, ~48 min (measured: 44.9 min,
-    bench/results/2026-12-03-from-scratch.md). DupMAE does not fit
-    at this length (it would add 3 x 3,600 x 0.45 / 2 s = 40 min); add it with --objectives retromae mlm
-    dupmae and fewer --steps.
+    bench/results/2026-12-03-from-scratch.md). DupMAE does not fit at this length
+    (it would add 3 x 3,600 x 0.45 / 2 s = 40 min); add it with --objectives retromae mlm dupmae and
+    fewer --steps.
   - 8k vocabulary, because the decoder predicts every position over the whole vocabulary (MiniLM's 30k
     makes a RetroMAE step 3.7x dearer; the 8k WordPiece cuts the demo corpus into 800k tokens, 11% more
     than MiniLM's 721k). L 128: the demo corpus's block length; L 256 costs 2.4x a step. bert-tiny:
