@@ -56,7 +56,8 @@ steps of 8 blocks at lr 1e-3, evaluated every 400 steps, two runs at a time of o
   - Step cost, two one-thread runs side by side: retromae 0.34 s, mlm 0.16 s, dupmae ~0.45 s (one
     run alone at one thread: 0.26 / 0.12 / 0.35 s CPU; dupmae's side-by-side figure is scaled from
     those). Two one-thread runs use both cores; one run with two threads does not (its OpenMP threads
-    wait for each other; under load a two-thread RetroMAE step took 1.38 s). Time = 3 seeds x 3,600 x (0.34 + 0.16) s / 2 jobs = 45 min, plus 10 evaluations
+    wait for each other; under load a two-thread RetroMAE step took 1.38 s). Time = 3 seeds x 3,600 x
+    (0.34 + 0.16) s / 2 jobs = 45 min, plus 10 evaluations
     per run (Lee + 346 held-out queries + cls_gain: 2-4 s each) and start-up, ~48 min (measured: 44.9 min,
     bench/results/2026-12-03-from-scratch.md). DupMAE does not fit at this length
     (it would add 3 x 3,600 x 0.45 / 2 s = 40 min); add it with --objectives retromae mlm dupmae and
