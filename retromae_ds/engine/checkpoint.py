@@ -192,7 +192,7 @@ def consolidated_fp32_state(path: Path) -> dict:
 
     path = Path(path)
     try:
-        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     except ValueError as err:
         if "is not a zero checkpoint" in str(err):
             raise UserError(f"{path}: DeepSpeed cannot consolidate this checkpoint's weights ({err}). It was "
@@ -200,6 +200,28 @@ def consolidated_fp32_state(path: Path) -> dict:
                             f"state was labelled; resume it with the same world size, or re-save it with "
                             f"this version.") from None
         raise
+    return _with_frozen_parameters(path, state)
+
+
+def _with_frozen_parameters(path: Path, state: dict) -> dict:
+    """Add the frozen parameters DeepSpeed's consolidation leaves out. It records them only when gradients
+    are partitioned (ZeRO >= 2), so under ZeRO-1 a frozen part (the decoder of `--objective mlm`) has no
+    fp32 master anywhere; its value is the module's own copy in the model states file, which is exact:
+    a frozen parameter never changes (in 16-bit runs it is the 16-bit copy the run trained beside)."""
+    import torch
+
+    files = sorted(path.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        return state
+    saved = torch.load(str(files[0]), map_location="cpu", weights_only=False)
+    if saved.get("frozen_param_shapes"):  # DeepSpeed recorded them itself (ZeRO >= 2)
+        return state
+    trained = {name for group in saved.get("param_shapes") or [] for name in group}
+    skip = trained | set(saved.get("shared_params") or {}) | set(saved.get("buffer_names") or [])
+    for key, value in (saved.get("module") or {}).items():
+        if key not in state and key not in skip and isinstance(value, torch.Tensor) and value.numel():
+            state[key] = value.float() if value.is_floating_point() else value
+    return state
 
 
 def describe_write_error(err: BaseException) -> str:

@@ -45,23 +45,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from retromae_ds.engine.preflight import output_dir_of, remove_if_left_empty
+
     cfg = config_mod.config_from_args(args)
-    return Trainer(cfg, local_rank_arg=getattr(args, "local_rank", None)).train()
+    out_dir = output_dir_of(cfg)
+    existed = out_dir.exists()
+    rc = None
+    try:
+        rc = Trainer(cfg, local_rank_arg=getattr(args, "local_rank", None)).train()
+        return rc
+    finally:
+        # a run that failed at start-up leaves no empty --output-dir behind (rank 0 created it)
+        if rc != 0 and not existed and os.environ.get("RANK", "0") == "0":
+            remove_if_left_empty(out_dir)
 
 
 def run_cli(argv: list[str] | None = None) -> int:
     """Entry for launch/pretrain.py: same flags as `retromae-ds train`, clear errors on every rank."""
-    parser = argparse.ArgumentParser(prog="pretrain.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from retromae_ds.argparsing import Parser
+    from retromae_ds.cli import DESCRIPTIONS
+
+    parser = Parser(prog="pretrain.py", description=DESCRIPTIONS["train"],
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    first_rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
     try:
         return main(args)
     except UserError as err:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
+        if first_rank:
             print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (StopRequest), or one before training started
+        if first_rank:
+            print("pretrain: interrupted: stopped at once, nothing saved since the last checkpoint", file=sys.stderr,
+                  flush=True)
+        return 130
 
 
 def mix_seed(*parts: int) -> int:
@@ -75,16 +94,35 @@ def mix_seed(*parts: int) -> int:
 
 
 class StopRequest:
-    """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) set a flag; the loop
-    finishes the current step, saves and exits 0 so the job can be requeued."""
+    """SIGTERM/SIGUSR1 (what SLURM sends before preemption or the time limit) and a first Ctrl-C (SIGINT) set
+    a flag; the loop finishes the current step, saves and exits 0 (so a job can be requeued, and Ctrl-C
+    loses nothing). A second Ctrl-C raises KeyboardInterrupt at once: no save, exit 130.
+
+    "Second" means at least `SIGINT_REPEAT_S` later: torchrun's agent, itself interrupted by the same
+    Ctrl-C, passes it on to the ranks as another SIGINT a moment later, which must not abort the save. (The
+    deepspeed launcher passes SIGTERM on instead, which changes nothing once a stop is under way.)"""
+
+    SIGINT_REPEAT_S = 1.0
 
     def __init__(self):
         self.signal = 0
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.interrupted_at = None  # time.monotonic() of the first SIGINT
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signal = signum
+        if signum == signal.SIGINT:
+            now = time.monotonic()
+            if self.interrupted_at is not None:
+                if now - self.interrupted_at < self.SIGINT_REPEAT_S:
+                    return  # the same Ctrl-C, passed on by a launcher
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            self.interrupted_at = now
+            if os.environ.get("RANK", "0") == "0":  # os.write: safe inside a signal handler (print is not)
+                os.write(2, b"\n[retromae-ds] Ctrl-C: finishing this step, then saving a checkpoint and exiting "
+                            b"(press Ctrl-C again to stop at once, without saving)\n")
+        self.signal = self.signal or signum
 
 
 class Trainer:
@@ -295,8 +333,11 @@ class Trainer:
             results.update(heldout_retrieval(module.encoder, self.data.heldout, tokenizer.cls_token_id,
                                              tokenizer.sep_token_id, tokenizer.pad_token_id, seed=cfg.seed,
                                              max_length=self.eval_max_length, device=self.device))
+            # blocks cut at the evaluation's length (never beyond the trained one); the heads chunk by
+            # --ce-chunk-size here too, so the evaluation needs no more memory than a training step
             gain, why_not = cls_gain(module, self.data.heldout, self.masker, seed=cfg.seed,
-                                     batch_size=cfg.micro_batch_size, max_tokens=self.block_cap)
+                                     batch_size=cfg.micro_batch_size,
+                                     max_tokens=min(self.block_cap, self.eval_max_length - 2))
             results.update(gain)
             if why_not and self.dist.is_main and not self.cls_gain_noted:
                 print(f"[retromae-ds] {why_not}", flush=True)  # the same reason every evaluation: said once
@@ -365,8 +406,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Everything before the first step, in order: process group, data, tokenizer and model, the
-        DeepSpeed config, what to resume from, the engine, masks and loader, the run's state, monitors."""
+        """Everything before the first step, in order: a check of the inputs (seconds, before DeepSpeed
+        starts), process group, data, tokenizer and model, the DeepSpeed config, what to resume from, the
+        engine, masks and loader, the run's state, monitors."""
+        from retromae_ds.engine.preflight import check_inputs
+
+        check_inputs(self.cfg)  # flags, paths, tokenizer/data match, --output-dir: before anything slow
         import deepspeed
         import torch
 
@@ -405,6 +450,7 @@ class Trainer:
         # default --eval-max-length 256 would otherwise fail at the end of training)
         self.eval_max_length = min(cfg.eval_max_length, token_positions(model.lm) or cfg.eval_max_length)
         self.block_cap = cfg.max_seq_len - 2
+        model.bound_head_calls(cfg.max_seq_len, cfg.encoder_mask_ratio)  # equal head calls on every rank (ZeRO-3)
         n_train = getattr(data.train, "samples_per_epoch", len(data.train))  # a blend's epoch: its weighted shares
 
         # --- DeepSpeed config ---------------------------------------------------------------------

@@ -215,22 +215,39 @@ def labelled_rows(hidden: torch.Tensor, labels: torch.Tensor, capacity: int | No
     return flat_hidden.index_select(0, index), flat_labels.index_select(0, index)
 
 
+def head_calls(rows: int, chunk_size: int | None, max_rows: int | None = None) -> int:
+    """How many chunks (head calls) a projection of `rows` rows takes: one without `chunk_size`; with it,
+    ceil(max_rows / chunk_size) when a host-known bound `max_rows` is given (the same on every rank, see
+    `labelled_rows_loss`), else ceil(rows / chunk_size). Never fewer than the rows need."""
+    if not chunk_size:
+        return 1
+    return max(1, -(-max(rows, max_rows or 0) // chunk_size))
+
+
 def labelled_rows_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk_size: int | None = None,
-                       count_correct: bool = True, capacity: int | None = None):
+                       count_correct: bool = True, capacity: int | None = None, max_rows: int | None = None):
     """Fast head: (loss summed over labelled positions, number of them predicted right; 0 unless
     `count_correct`).
 
     Projects only the hidden rows whose label is not -100 (`capacity`: a fixed number of rows, see
-    `labelled_rows`); with `chunk_size`, at most that many rows at a time under activation checkpointing.
+    `labelled_rows`); with `chunk_size`, at most that many rows per head call, under activation
+    checkpointing when grad is on (also without grad: an evaluation's logits are bounded the same way).
+
+    `max_rows`: a bound on the rows known before the batch is seen (micro-batch size x block length).
+    The number of head calls then follows from it alone, trailing chunks being empty, because under
+    ZeRO-3 every call gathers the vocabulary projection (a collective): ranks whose batches have
+    different widths or label counts must still call the head equally often.
     """
     rows, target = labelled_rows(hidden, labels, capacity)
     count = target.numel()
-    if not chunk_size or count <= chunk_size or not torch.is_grad_enabled():
+    calls = head_calls(count, chunk_size, max_rows)
+    if calls == 1:
         return _rows_loss(head, rows, target, count_correct)
     loss, correct = rows.new_zeros((), dtype=torch.float32), target.new_zeros(())
-    for start in range(0, count, chunk_size):
-        part_loss, part_correct = checkpoint(_rows_loss, head, rows[start:start + chunk_size],
-                                             target[start:start + chunk_size], count_correct, use_reentrant=False)
+    grad = torch.is_grad_enabled()
+    for start in range(0, calls * chunk_size, chunk_size):
+        args = (head, rows[start:start + chunk_size], target[start:start + chunk_size], count_correct)
+        part_loss, part_correct = checkpoint(_rows_loss, *args, use_reentrant=False) if grad else _rows_loss(*args)
         loss, correct = loss + part_loss, correct + part_correct
     return loss, correct
 
@@ -261,26 +278,34 @@ def _pool_chunk(head, hidden, labels, keep, static):
     else:
         sel = labels != IGNORE_INDEX
         loss, correct = _logits_loss(logits[sel], labels[sel])
-    return max_pool_logits(logits, keep), loss, correct
+    if logits.shape[1] == 0:  # an empty trailing chunk (see pooled_and_labelled_loss): adds nothing to the max
+        pooled = logits.new_full((logits.shape[0], logits.shape[-1]), torch.finfo(logits.dtype).min).float()
+    else:
+        pooled = max_pool_logits(logits, keep)
+    return pooled, loss, correct
 
 
 def pooled_and_labelled_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor,
-                             chunk_size: int | None = None, static: bool = False):
+                             chunk_size: int | None = None, static: bool = False, max_length: int | None = None):
     """For DupMAE (which needs logits at every position anyway): one head pass gives both the
     max-pooled bag-of-words vector over `keep` positions and the MLM loss on labelled positions.
 
     Returns (pooled [B, V] fp32, loss sum, number right). With `chunk_size`,
-    positions are processed in slices of about chunk_size rows under activation checkpointing.
+    positions are processed in slices of about chunk_size rows (under activation checkpointing when grad
+    is on). `max_length`: a host-known bound on the width (the block length); the number of slices
+    then follows from it rather than from this batch's width, trailing slices being empty, so that every
+    rank calls the head equally often (ZeRO-3 gathers it in each call; see `labelled_rows_loss`).
     `static`: the loss runs over every row (unlabelled ones add zero) instead of selecting the
     labelled ones, so no shape depends on the data (no host sync).
     """
     batch, length = labels.shape
     step = length if not chunk_size else max(1, chunk_size // max(batch, 1))
+    span = max(length, max_length or 0) if chunk_size else length
     pooled, loss, correct = None, None, None
-    for start in range(0, length, step):
+    for start in range(0, max(span, 1), step):
         args = (head, hidden[:, start:start + step], labels[:, start:start + step], keep[:, start:start + step],
                 static)
-        if step < length and torch.is_grad_enabled():
+        if step < span and torch.is_grad_enabled():
             part = checkpoint(_pool_chunk, *args, use_reentrant=False)
         else:
             part = _pool_chunk(*args)

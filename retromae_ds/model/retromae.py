@@ -109,6 +109,7 @@ class RetroMAEForPretraining(nn.Module):
         if self.config.objective == "mlm":
             self.c_head.requires_grad_(False)
         self._checkpoint_decoder = False
+        self._head_bounds: tuple[int, int, int] | None = None  # see bound_head_calls
         # The top-level parts that start from fresh random weights, as parameter-name prefixes ("lm.cls",
         # "c_head"): set by from_pretrained (the MLM head the checkpoint lacked, the decoder a plain encoder
         # folder has not). None: built around an encoder of unknown provenance (random init): all is new.
@@ -131,6 +132,28 @@ class RetroMAEForPretraining(nn.Module):
     def embeddings(self) -> nn.Module:
         return self.lm.base_model.embeddings
 
+    def bound_head_calls(self, block_length: int, encoder_mask_ratio: float) -> None:
+        """Make the number of MLM-head calls per forward depend only on the micro-batch size, `block_length`
+        (tokens per block with [CLS]/[SEP]: the run's max_seq_len) and --ce-chunk-size, not on the batch.
+
+        With --ce-chunk-size the head runs once per chunk of rows, and under ZeRO-3 each call all-gathers
+        the tied vocabulary projection: ranks that call it a different number of times (one rank's
+        length-grouped batch is narrower, or has fewer masked tokens) break DeepSpeed's collective
+        bookkeeping. With these bounds (the encoder's masking budget of a full block, every inner position
+        of the decoder) trailing chunks are empty instead of missing. The trainer sets them; a model
+        used alone (tests, evaluation) chunks by its batch."""
+        if block_length < 3:
+            raise ValueError(f"block_length {block_length}: needs room for [CLS], a token and [SEP]")
+        inner = block_length - 2
+        self._head_bounds = (min(inner, max(1, round(block_length * encoder_mask_ratio))), inner, block_length)
+
+    def _bounds(self, batch: int) -> tuple[int | None, int | None, int | None]:
+        """(encoder rows, decoder rows, positions) bounds for a batch of `batch` samples, or Nones."""
+        if self._head_bounds is None:
+            return None, None, None
+        encoder, decoder, length = self._head_bounds
+        return batch * encoder, batch * decoder, length
+
     # --- forward ----------------------------------------------------------------------------------
     def forward(self, encoder_input_ids, encoder_attention_mask, encoder_labels, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_labels=None, bag_word_weight=None,
@@ -144,6 +167,7 @@ class RetroMAEForPretraining(nn.Module):
         head, chunk = self.mlm_head, cfg.ce_chunk_size
         static = encoder_label_capacity is not None
         encoder_tokens = (encoder_labels != heads.IGNORE_INDEX).sum()
+        encoder_rows, _, block_length = self._bounds(encoder_labels.shape[0])
         bow_loss = None
         if cfg.objective == "dupmae":
             if decoder_labels is None and bag_word_weight is None:
@@ -155,7 +179,7 @@ class RetroMAEForPretraining(nn.Module):
             keep[:, 0] = False  # the reference pools positions 1.. (not [CLS])
             if cfg.fast_heads:
                 pooled, enc_sum, enc_right = heads.pooled_and_labelled_loss(head, hidden, encoder_labels, keep, chunk,
-                                                                            static=static)
+                                                                            static=static, max_length=block_length)
             else:
                 logits = head(hidden)
                 enc_sum, enc_right = heads.dense_logits_loss(logits, encoder_labels)
@@ -166,7 +190,7 @@ class RetroMAEForPretraining(nn.Module):
             bow_loss = heads.bag_of_words_loss(pooled, targets.to(pooled.dtype))
         elif cfg.fast_heads:
             enc_sum, enc_right = heads.labelled_rows_loss(head, hidden, encoder_labels, chunk,
-                                                          capacity=encoder_label_capacity)
+                                                          capacity=encoder_label_capacity, max_rows=encoder_rows)
         else:
             enc_sum, enc_right = heads.dense_logits_loss(head(hidden), encoder_labels)
         encoder_loss = enc_sum / encoder_tokens.clamp(min=1)
@@ -207,12 +231,14 @@ class RetroMAEForPretraining(nn.Module):
         """Summed cross-entropy of the decoder's labelled tokens, decoding from `cls_hidden` [B, 1, H]."""
         head, chunk = self.mlm_head, self.config.ce_chunk_size
         decoded = self._decode(cls_hidden, decoder_input_ids, decoder_attention_mask)
+        _, rows, _ = self._bounds(decoder_labels.shape[0])
         if self.config.fast_heads and static:  # every row but [CLS] and the last ([SEP] or padding): a slice
             inner = decoder_labels[:, 1:-1]
             dec_sum, _ = heads.labelled_rows_loss(head, decoded[:, 1:-1], inner, chunk, count_correct=False,
-                                                  capacity=inner.numel())
+                                                  capacity=inner.numel(), max_rows=rows)
         elif self.config.fast_heads:
-            dec_sum, _ = heads.labelled_rows_loss(head, decoded, decoder_labels, chunk, count_correct=False)
+            dec_sum, _ = heads.labelled_rows_loss(head, decoded, decoder_labels, chunk, count_correct=False,
+                                                  max_rows=rows)
         else:
             dec_sum, _ = heads.dense_logits_loss(head(decoded), decoder_labels)
         return dec_sum

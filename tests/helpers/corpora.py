@@ -13,6 +13,12 @@ def lee_articles(n: int | None = None) -> list[str]:
     return articles[:n] if n else articles
 
 
+def ragged_articles(n: int) -> list[str]:
+    """The first `n` Lee articles cut to 5-200 words: blocks from a few tokens to full at L = 64."""
+    cuts = [5, 12, 30, 60, 200]
+    return [" ".join(a.split()[:cuts[i % len(cuts)]]) for i, a in enumerate(lee_articles(n))]
+
+
 def write_jsonl(path, records) -> str:
     """Write one JSON object per line; ``records`` may hold dicts or ready-made strings."""
     with open(path, "w", encoding="utf-8") as f:

@@ -52,6 +52,10 @@ saved (a signal that arrives during a save).
 RETROMAE_TEST_RECOVERY_COPY_FAILS=1: on rank 0, DeepSpeed's copy of zero_to_fp32.py into each checkpoint
 (`shutil.copyfile` as deepspeed.runtime.engine imported it) raises ENOSPC, as on a disk that filled up
 after the optimizer files were written.
+RETROMAE_TEST_SYNC_FREE=1: the mask generator takes the accelerators' sync-free path on the CPU (the
+heads' static row capacity), while batches keep their own widths (unlike --static-shapes).
+With RETROMAE_TEST_PROBE, `head_rows` records the rows of every call of the MLM head, by mode
+("train"/"eval"), backward recomputations included.
 """
 
 from __future__ import annotations
@@ -65,7 +69,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 PROBE = os.environ.get("RETROMAE_TEST_PROBE", "")
-RECORD: dict = {"engine": None, "forwards": {}, "blocks": [], "steps": 0, "module": None, "syncs": []}
+RECORD: dict = {"engine": None, "forwards": {}, "blocks": [], "steps": 0, "module": None, "syncs": [],
+                "head_rows": {}}
 SYNC_STEPS = int(os.environ.get("RETROMAE_TEST_SYNCS", "0"))
 PROBE_MASTERS = bool(os.environ.get("RETROMAE_TEST_PROBE_MASTERS"))
 FP16_ON_CPU = bool(os.environ.get("RETROMAE_TEST_FP16_ON_CPU"))
@@ -75,6 +80,7 @@ RECOVERY_COPY_FAILS = bool(os.environ.get("RETROMAE_TEST_RECOVERY_COPY_FAILS"))
 NONFINITE_STEPS = {int(s) for s in os.environ.get("RETROMAE_TEST_NONFINITE_STEPS", "").split(",") if s}
 NONFINITE_MICRO = int(os.environ.get("RETROMAE_TEST_NONFINITE_MICRO", "-1"))
 SIGTERM_AT_SAVE = int(os.environ.get("RETROMAE_TEST_SIGTERM_AT_SAVE", "0"))
+SYNC_FREE = bool(os.environ.get("RETROMAE_TEST_SYNC_FREE"))
 INJECTED_FAILURE = "injected failure on rank 0"
 
 
@@ -142,6 +148,13 @@ def _install() -> None:
         model.lm.base_model.register_forward_hook(counter("encoder"))
         first_linear(model.lm.base_model.encoder.layer[0]).register_forward_hook(counter("encoder_layer0"))
         first_linear(model.c_head).register_forward_hook(counter("decoder_layer"))
+        head = getattr(model.lm, model._head_names[0])  # the MLM head's first part: rows per call, by mode
+
+        def head_rows(module, args):
+            rows = int(args[0].reshape(-1, args[0].shape[-1]).shape[0])
+            RECORD["head_rows"].setdefault("train" if module.training else "eval", []).append(rows)
+
+        head.register_forward_pre_hook(head_rows)
         result = original_initialize(*args, **kwargs)
         engine = result[0]
         module = engine.module
@@ -325,6 +338,10 @@ def _sigterm_at_save(step: int) -> None:
 
 
 def _install_independent_hooks() -> None:
+    if SYNC_FREE:
+        from retromae_ds.data.masking import MaskGenerator
+
+        MaskGenerator.sync_free = True  # the accelerators' static head rows, without --static-shapes' widths
     if FP16_ON_CPU:
         _fp16_on_cpu()
     if HIDE_SAVED_FILES_RANK:
