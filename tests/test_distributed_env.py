@@ -52,6 +52,9 @@ def fake_start(monkeypatch):
         monkeypatch.setattr(deepspeed.accelerator, "get_accelerator", lambda: accel)
         monkeypatch.setattr(deepspeed, "init_distributed", fake_init_distributed)
         monkeypatch.setattr(D, "quiet_libraries", lambda: None)
+        import torch.distributed.distributed_c10d as c10d
+        for name in ("default_pg_timeout", "default_pg_nccl_timeout"):  # init_distributed sets them: restored
+            monkeypatch.setattr(c10d, name, getattr(c10d, name, None), raising=False)
         monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: int(env["RANK"]))
         monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: int(env["WORLD_SIZE"]))
         return D.init_distributed(**kwargs), accel, seen
@@ -93,6 +96,31 @@ def test_timeout_reaches_deepspeed(fake_start):
     assert seen["kwargs"]["timeout"] == datetime.timedelta(hours=2)
     _, _, seen = fake_start(8, SLURM_TASK_3_OF_8)  # None: DeepSpeed's own default
     assert "timeout" not in seen["kwargs"]
+
+
+def test_timeout_reaches_the_groups_deepspeed_creates(tmp_path):
+    """DeepSpeed builds its groups with a bare new_group(ranks), which takes torch's backend default
+    (30 min for gloo, 10 min for NCCL): with --dist-timeout those groups must wait as long as the world
+    group. A real one-process gloo world in a fresh interpreter (it changes torch's module defaults)."""
+    import subprocess
+    import sys
+
+    from tests.helpers.engine_runs import REPO, free_port, run_env
+
+    code = (
+        "import datetime, torch, torch.distributed as dist\n"
+        "from retromae_ds.engine.distributed import init_distributed\n"
+        "init_distributed(timeout=datetime.timedelta(seconds=77))\n"
+        "cpu = torch.device('cpu')\n"
+        "group = dist.new_group([0])\n"
+        "print('timeouts', dist.distributed_c10d._get_default_group()._get_backend(cpu).options._timeout,"
+        " group._get_backend(cpu).options._timeout)\n")
+    env = run_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(free_port())})
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("timeouts"))
+    assert line.split()[1:] == ["0:01:17", "0:01:17"], line
 
 
 def parse(*argv):

@@ -90,10 +90,25 @@ def init_distributed(local_rank_arg: int | None = None,
     if timeout is not None:
         kwargs["timeout"] = timeout if isinstance(timeout, datetime.timedelta) else datetime.timedelta(seconds=float(timeout))
     deepspeed.init_distributed(dist_init_required=True, verbose=False, **kwargs)
+    if "timeout" in kwargs:
+        _default_timeout_for_new_groups(kwargs["timeout"])
     import torch.distributed as dist
 
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                     local_world_size=local_world, device=device, device_type=device_type)
+
+
+def _default_timeout_for_new_groups(timeout: datetime.timedelta) -> None:
+    """Give every process group created later the world group's timeout. DeepSpeed builds its own groups
+    (ZeRO's data-parallel and parameter groups, sequence and expert parallelism) with a bare
+    `torch.distributed.new_group(ranks)`, which takes torch's backend default (30 min for gloo, 10 min for
+    NCCL) instead of --dist-timeout: a rank waiting there while rank 0 reads a large checkpoint would fail
+    after 10 minutes whatever the flag says. torch reads these module defaults at each new_group call."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def _point_local_rank_at_device(node_rank: int, index: int) -> None:
