@@ -67,6 +67,7 @@ def test_a_node_local_output_dir_fails_at_the_first_save_naming_host_and_path(le
     metrics = R.metrics(out)
     assert [m["step"] for m in metrics] == [1], metrics  # stopped at the first save, trained no further
     assert R.marker_of_last(out) is None  # nothing that looks complete was left behind
+    assert not (out / "checkpoints").exists(), list((out / "checkpoints").iterdir())  # nor DeepSpeed's script
 
 
 @pytest.mark.distributed

@@ -404,6 +404,28 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# DeepSpeed (0.19.8) copies its recovery scripts beside the checkpoints at every save (rank 0)
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def remove_failed_save(path: Path) -> None:
+    """Remove the partial folder of a save that failed; when it was the first save, also the copies of
+    DeepSpeed's recovery scripts made beside it, so a run that never saved leaves no checkpoints/ behind."""
+    remove_checkpoint(path)
+    root = path.parent
+    try:
+        left = {entry.name for entry in root.iterdir()}
+    except OSError:
+        return
+    if left <= set(RECOVERY_SCRIPTS):
+        try:
+            for name in left:
+                (root / name).unlink()
+            root.rmdir()
+        except OSError:
+            pass
+
+
 def is_kept(path: Path) -> bool:
     """Marked to outlive --keep-last (`"keep": true` in its marker): wsd's decay-start checkpoint."""
     return bool((read_marker(path) or {}).get("keep"))

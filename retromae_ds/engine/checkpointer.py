@@ -191,7 +191,7 @@ class Checkpointer:
         errors, unshared = broadcast_object((errors, unshared))
         if unshared or errors:
             if dist.is_main:
-                ckpt.remove_checkpoint(path)
+                ckpt.remove_failed_save(path)
             barrier()
             if unshared:
                 raise UserError(unshared)
