@@ -115,6 +115,21 @@ def test_a_resume_from_inside_the_phase_continues_bit_for_bit(phase_run, corpus)
         assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first), step
 
 
+def test_the_phase_is_counted_in_samples_across_a_resume_with_another_global_batch(phase_run, corpus):
+    """Like the schedule, the phase is a number of samples (steps x the run's first global batch): resumed
+    at step 2 with half the batch, its 4 x 4 samples end after resumed step 6, not at step 4."""
+    out = corpus["root"] / "half_batch"
+    shutil.copytree(ck.checkpoint_root(phase_run["out"]) / ck.tag_for(2), ck.checkpoint_root(out) / ck.tag_for(2))
+    out, res = _train(corpus, "half_batch", ["--new-parts-warmup-steps", str(PHASE), "--deepspeed", "zero2",
+                                             "--micro-batch-size", "2", "--save-interval", "0"])
+    assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-3000:]
+    rows = R.metrics(out)
+    assert [r["step"] for r in rows] == list(range(3, 11))  # 24 samples in all: 8 done, 8 steps of 2 left
+    held = [r["step"] for r in rows if r["lr_encoder"] == 0.0]
+    assert held == [3, 4, 5, 6], rows
+    assert all(r["lr_encoder"] == r["lr"] > 0 for r in rows if r["step"] > 6)
+
+
 def test_a_resume_whose_flag_would_change_the_steps_already_done_is_refused(phase_run, corpus):
     out = corpus["root"] / "changed"
     shutil.copytree(ck.checkpoint_root(phase_run["out"]) / ck.tag_for(2), ck.checkpoint_root(out) / ck.tag_for(2))

@@ -4,7 +4,8 @@ Why. Most runs continue from an embedding model published without an MLM head or
 (sentence-transformers, bge, e5 checkpoints; the bundled MiniLM has no MLM head): both start random, and
 their first gradients reach the pretrained encoder at the full learning rate. Measured: the demo (MiniLM,
 lr 1e-4, 100 steps) lowered Lee Pearson [CLS] 0.609 -> 0.534; from MiniLM at lr 5e-4, held-out MRR@10 fell
-0.44 -> 0.12. With N > 0, optimizer steps 1..N train only the new parts (the parameter-name prefixes the
+0.44 -> 0.12. With N > 0, the first N steps (N x the run's first global batch samples, as
+the schedule counts them) train only the new parts (the parameter-name prefixes the
 model recorded when it was loaded, `RetroMAEForPretraining.new_parts`: "lm.cls" for a missing BERT head,
 "c_head" when the folder has no decoder); the encoder (everything else, the tied word embeddings that
 the head projects with included) is held still.
@@ -34,14 +35,16 @@ within ~1 / (1 - beta1) = 10 steps. Gradient clipping by global norm still count
 gradients during the phase; Adam's update barely depends on that scale.
 
 The schedule is unchanged: the main warm-up (--warmup) runs concurrently with the phase, and at step N
-the encoder's LR becomes the schedule's LR of that step. The phase is a pure function of the step, like
-the schedule, so a resume anywhere continues the same run; the checkpoint records it (`RunState.
+the encoder's LR becomes the schedule's LR of that step. The phase is a pure function of the schedule's
+position (samples consumed / the run's first global batch: the step, while the global batch is
+unchanged), like the schedule, so a resume anywhere, with any global batch, continues the same run; the checkpoint records it (`RunState.
 new_parts_warmup`), and `plan` refuses a resume whose flags would have trained the steps already done
 differently. From random init (--model-config) every part is new: the flag then does nothing (a note says so).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from retromae_ds.errors import UserError
@@ -51,16 +54,19 @@ NEW_PART_KEY = "new_part"  # the key, in each optimizer parameter group, telling
 
 @dataclass(frozen=True)
 class NewPartsWarmup:
-    """The phase of a run: optimizer steps 0..steps-1 (0-based; 1..steps as logged) train `parts` at the
-    scheduled LR and the rest at `encoder_lr_ratio` x that LR. `steps` 0 = no phase."""
+    """The phase of a run: schedule positions 0..steps (steps 1..steps as logged, at the run's first global
+    batch) train `parts` at the scheduled LR and the rest at `encoder_lr_ratio` x that LR. `steps` 0 = no
+    phase."""
 
     steps: int = 0
     encoder_lr_ratio: float = 0.0
     parts: tuple[str, ...] = ()
 
-    def encoder_factor(self, step: int) -> float:
-        """The encoder's LR as a fraction of the scheduled LR at optimizer step `step` (0-based)."""
-        return self.encoder_lr_ratio if step < self.steps else 1.0
+    def encoder_factor(self, position: float) -> float:
+        """The encoder's LR as a fraction of the scheduled LR for the step that starts at schedule position
+        `position` (samples consumed before it / the schedule's batch; the 0-based step count while the
+        global batch is the run's first)."""
+        return self.encoder_lr_ratio if position < self.steps else 1.0
 
     def splits_groups(self) -> bool:
         return self.steps > 0 and bool(self.parts)
@@ -96,12 +102,13 @@ def trainable_new_parts(model) -> tuple[str, ...] | None:
     return tuple(p for p in parts if any(is_new(n, (p,)) for n in names))
 
 
-def plan(steps: int, encoder_lr_ratio: float, model, previous: dict | None, resumed_step: int | None,
+def plan(steps: int, encoder_lr_ratio: float, model, previous: dict | None, resumed_step: float | None,
          where: str = "the checkpoint") -> tuple[NewPartsWarmup, str | None]:
     """The run's phase and a note for the log (None: nothing to say).
 
     `steps`, `encoder_lr_ratio`: the flags. `previous`: the checkpoint's record (`RunState.new_parts_warmup`;
-    None for a checkpoint written before this option) and `resumed_step` its step, or both None for a fresh
+    None for a checkpoint written before this option) and `resumed_step` its schedule position (its step
+    when the global batch never changed), or both None for a fresh
     start. A resume keeps the checkpoint's parts (its optimizer's parameter groups are split by them) and
     takes the flags' phase when the steps already done ran the same under it (the same steps 1..min(N, step)
     held the encoder, at the same ratio): the flags may lengthen or end a phase still under way. Where the
@@ -130,7 +137,7 @@ def plan(steps: int, encoder_lr_ratio: float, model, previous: dict | None, resu
         return old, note
     if old.steps <= s and wanted.steps <= s:
         return old, (f"--new-parts-warmup-steps {wanted.steps}: this run's new-parts warm-up "
-                     f"{'ended at step ' + str(old.steps) if old.steps else 'was off'} and the run is at step {s}, "
+                     f"{'ended at step ' + str(old.steps) if old.steps else 'was off'} and the run is at step {s:g}, "
                      f"so nothing changes from here; the checkpoint's record stays")
     same_past = done_old == done_new and (done_old == 0 or old.encoder_lr_ratio == wanted.encoder_lr_ratio)
     if same_past and old.steps > 0:  # a phase under way, lengthened or ended now: same parameter groups
@@ -143,8 +150,8 @@ def plan(steps: int, encoder_lr_ratio: float, model, previous: dict | None, resu
              if steps else "no --new-parts-warmup-steps")
     keep = (f"--new-parts-warmup-steps {old.steps} --new-parts-encoder-lr-ratio {old.encoder_lr_ratio:g}"
             if old.steps else "--new-parts-warmup-steps 0")
-    end_now = f"; to end the phase now, --new-parts-warmup-steps {s}" if old.steps > s else ""
-    raise UserError(f"{where} (step {s}) {ran}; {asked} would have trained steps 1-{s} differently, so the resumed "
+    end_now = f"; to end the phase now, --new-parts-warmup-steps {math.ceil(s)}" if old.steps > s else ""
+    raise UserError(f"{where} (step {s:g}) {ran}; {asked} would have trained steps 1-{s:g} differently, so the resumed "
                     f"run would match neither setting. Resume with {keep}{end_now}, or start afresh "
                     f"(--resume none, another --output-dir).")
 

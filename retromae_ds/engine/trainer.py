@@ -208,7 +208,7 @@ class Trainer:
         if state.rewarm_from is not None and sched.rewarm_steps():
             lr *= min(1.0, (state.step - state.rewarm_from + 1) / sched.rewarm_steps())
         # --new-parts-warmup-steps: the encoder's groups at a fraction (0) of the LR during the phase (new_parts.py)
-        encoder_lr = lr * self.new_parts.encoder_factor(state.step)
+        encoder_lr = lr * self.new_parts.encoder_factor(sched.position(sampler.total_consumed))
         for group in engine.optimizer.param_groups:
             group["lr"] = lr if group.get(new_parts.NEW_PART_KEY) else encoder_lr
         self.lr, self.lr_encoder = lr, encoder_lr
@@ -484,7 +484,8 @@ class Trainer:
         self.new_parts, note = new_parts.plan(
             cfg.new_parts_warmup_steps, cfg.new_parts_encoder_lr_ratio, model,
             point.client.get("new_parts_warmup") if point else None,
-            int(point.client.get("step", 0)) if point else None, where=str(point.path) if point else "")
+            self.sched.position(int(point.client["sampler"]["total_consumed"])) if point else None,
+            where=str(point.path) if point else "")
         if note and dist.is_main:
             print(f"[retromae-ds] {note}", flush=True)
         groups = param_groups(model, cfg.weight_decay)
@@ -532,7 +533,7 @@ class Trainer:
                 if changed:
                     print(f"[retromae-ds] {changed}", flush=True)
         self.state.new_parts_warmup = self.new_parts.to_dict()  # what the next checkpoint records
-        if dist.is_main and self.state.step < self.new_parts.steps:
+        if dist.is_main and self.sched.position(self.sampler.total_consumed) < self.new_parts.steps:
             print(f"[retromae-ds] {self.new_parts.describe()}", flush=True)
         self.consecutive_bad = 0
         self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
