@@ -233,3 +233,42 @@ def test_grouped_run_resumes_on_another_world_size_with_the_same_order(grouped_r
     want = [block for step in range(3) for r in range(2) for block in ref[r][4 * step:4 * step + 4]]
     assert R.probe(probe, 0)["blocks"] == want
     assert R.marker_of_last(out)["client_state"]["sampler"] == R.marker_of_last(grouped_run["out"])["client_state"]["sampler"]
+
+
+# --- the objective of a grouped step ----------------------------------------------------------------
+
+@pytest.mark.parametrize("objective", ["retromae", "dupmae", "mlm"])
+def test_a_grouped_step_optimizes_and_logs_the_token_weighted_objective(objective):
+    """Two micro-batches of one grouped step, one of short samples and one of long: each token counts the
+    same in the encoder and decoder means, DupMAE's bag-of-words loss (a per-sample mean; both hold 4
+    samples) counts once per micro-batch, and the logged parts average to what was optimized."""
+    import torch
+
+    from retromae_ds.engine.trainer import micro_batch_objective
+    from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
+    from tests.helpers.masking_data import synthetic_batch
+    from tests.helpers.tiny_models import tiny_bert
+
+    torch.manual_seed(0)
+    bow_weight = 0.7
+    model = RetroMAEForPretraining(tiny_bert(), RetroMAEConfig(objective=objective, bow_loss_weight=bow_weight))
+    batches = [synthetic_batch(1, lengths=(5, 4, 6, 5)), synthetic_batch(2, lengths=(22, 20, 21, 22))]
+    outs = [model(**b) for b in batches]
+    real = [int((b["decoder_labels"] != -100).sum()) + 2 * 4 for b in batches]  # tokens with [CLS]/[SEP]
+    weights = [r * len(batches) / sum(real) for r in real]  # as the trainer computes them
+    assert weights[0] < 0.5 < 1.5 < weights[1]
+    done = [micro_batch_objective(o, w, bow_weight) for o, w in zip(outs, weights)]
+    # the reference, written out: token-weighted means of the encoder and decoder losses, plain mean of bow
+    share = [r / sum(real) for r in real]
+    want = sum(s * (o.encoder_loss + (o.decoder_loss if o.decoder_loss is not None else 0)) for s, o in zip(share, outs))
+    if objective == "dupmae":
+        want = want + bow_weight * sum(o.bow_loss for o in outs) / len(outs)
+    optimized = sum(objective_k for objective_k, _ in done) / len(done)  # DeepSpeed averages micro-batches
+    assert torch.allclose(optimized, want, rtol=1e-6), (optimized, want)
+    logged = sum(parts[0] for _, parts in done) / len(done)
+    assert torch.allclose(logged, want, rtol=1e-6)
+    encoder_logged = sum(parts[1] for _, parts in done) / len(done)
+    assert torch.allclose(encoder_logged, sum(s * o.encoder_loss for s, o in zip(share, outs)), rtol=1e-6)
+    # ungrouped (weight 1): the model's own loss, the very tensor
+    objective_1, parts_1 = micro_batch_objective(outs[0], 1.0, bow_weight)
+    assert objective_1 is outs[0].loss and parts_1[0] is outs[0].loss

@@ -233,18 +233,14 @@ class Trainer:
             nonfinite |= ~torch.isfinite(out.loss.detach())
             self.positions[0] += micro.real_tokens
             self.positions[1] += micro.computed_tokens
-            # grouped batches: each micro-batch's mean loss counts by its share of the step's tokens, so a
-            # token weighs the same in a batch of short samples as in one of long ones (as in mixed batches)
             weight = micro.real_tokens * len(micro_batches) * world / self.step_tokens if cfg.group_by_length else 1.0
-            engine.backward(out.loss * weight if weight != 1.0 else out.loss)
+            objective, parts = micro_batch_objective(out, weight, cfg.bow_loss_weight)
+            engine.backward(objective)
             engine.step()
             with torch.no_grad():
-                zero = out.loss.new_zeros(())
-                parts = [out.loss, out.encoder_loss, out.decoder_loss if out.decoder_loss is not None else zero,
-                         out.bow_loss if out.bow_loss is not None else zero]
                 self.loss_sum += torch.stack([p.detach().double() for p in parts])
                 if out.encoder_accuracy is not None:
-                    self.acc_sum += out.encoder_accuracy.detach().double()
+                    self.acc_sum += out.encoder_accuracy.detach().double() * weight
             self.n_micro += 1
         state.step += 1
         state.tokens_seen += self.step_tokens
@@ -579,6 +575,26 @@ class Trainer:
               f"{self.global_batch}/step | {self.total_steps} steps = "
               f"{self.total_steps * self.global_batch / n_train:.2f} epochs of {n_train} blocks | "
               f"L={cfg.max_seq_len} | out {cfg.output_dir}", flush=True)
+
+
+def micro_batch_objective(out, weight: float, bow_loss_weight: float):
+    """(the loss to backpropagate, [loss, encoder, decoder, bag-of-words] for the log) of one micro-batch.
+
+    `weight` 1: the model's loss as it is. Under --group-by-length, `weight` is the micro-batch's share of
+    the step's tokens times the number of micro-batches in the step (so the weights average to 1): the
+    token means (encoder, decoder) count by it, so that a token weighs the same in a batch of short
+    samples as in one of long ones, as it does in mixed batches. DupMAE's bag-of-words loss is a mean over
+    samples, and every micro-batch holds as many samples: it keeps weight 1. The logged parts are weighted
+    as optimized, so their mean over a step's micro-batches is the step's objective."""
+    zero = out.loss.new_zeros(())
+    decoder = out.decoder_loss if out.decoder_loss is not None else zero
+    bow = out.bow_loss if out.bow_loss is not None else zero
+    if weight == 1.0:
+        return out.loss, [out.loss, out.encoder_loss, decoder, bow]
+    objective = (out.encoder_loss + decoder) * weight
+    if out.bow_loss is not None:
+        objective = objective + bow_loss_weight * out.bow_loss
+    return objective, [objective, out.encoder_loss * weight, decoder * weight, bow]
 
 
 def _run_facts(engine, model, precision: str) -> dict:
