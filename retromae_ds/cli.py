@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module that exposes `add_arguments(parser)` and `main(args) -> int`.
 Those modules keep heavy imports (torch, deepspeed, datasets) inside functions so that `--help`
-answers instantly.
+answers instantly. What `--help` shows is user documentation: a module's docstring, or (where the
+docstring is written for developers) the text in DESCRIPTIONS below.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import importlib
 import sys
 
+from retromae_ds.argparsing import Parser
 from retromae_ds.errors import UserError
 
 COMMANDS = {
@@ -24,9 +26,70 @@ COMMANDS = {
     "init": ("retromae_ds.scaffold", "write editable copies of the DeepSpeed configs and the SLURM script"),
 }
 
+# `--help` texts of the subcommands whose module docstring is written for developers.
+DESCRIPTIONS = {
+    "train": """\
+Pre-train an encoder with RetroMAE (or DupMAE, or plain MLM) on data written by `retromae-ds prepare`.
+
+  retromae-ds train --data data/wiki --model path/to/bert-base-uncased --output-dir runs/wiki --max-steps 100000
+  deepspeed --num_gpus 8 launch/pretrain.py --deepspeed zero2 --data data/wiki --model ...   (several GPUs)
+  retromae-ds train                       (no --data and --model: the offline demo)
+
+Every flag can also be set in a YAML file (--config run.yaml, keys = flag names); the command line wins.
+Relative paths in the YAML file resolve against the current folder, not the YAML file's folder.
+
+Stop the run at any moment and start the same command again: it resumes from the newest complete
+checkpoint in --output-dir. SIGTERM, SIGUSR1 and a first Ctrl-C finish the current step, save a
+checkpoint and exit 0; a second Ctrl-C aborts at once without saving (exit 130). Exit codes: 0 finished
+or stopped with a checkpoint, 2 a usage or data error, 3 too many NaN/inf steps in a row, 4 a checkpoint
+could not be written. More: docs/training.md and docs/checkpoints.md.""",
+    "prepare": """\
+Tokenize a corpus into packed, memory-mapped blocks: PREFIX.bin, PREFIX.idx and PREFIX.json.
+
+  retromae-ds prepare --input corpus.jsonl more/ --tokenizer TOKENIZER_DIR --output data/wiki
+  retromae-ds prepare --demo --output data/demo
+
+Inputs: .jsonl/.json, .txt, .csv/.tsv and .parquet files, folders of them (searched recursively), and
+folders written by datasets' save_to_disk. A .txt file holds one document per line (see --txt-sample-by).
+Each document is tokenized once, cut into sentences, and consecutive sentences are packed into blocks of
+at most --max-seq-len minus 2 tokens (training adds [CLS] and [SEP]); a longer sentence is split. Blocks
+never cross documents. Bad input stops with the file, the line and the fix (exit 2).
+Next: `retromae-ds info PREFIX` (counts, and the padding to expect in training), then `retromae-ds train`.""",
+    "eval": """\
+Score an encoder's [CLS] embedding: Lee document similarity and, with --data, held-out retrieval.
+
+  retromae-ds eval runs/wiki/export --data data/wiki
+
+Lee similarity (needs gensim): 50 news documents whose 1,225 pairs were scored by humans; Pearson and
+Spearman of the embeddings' cosine against the human scores, and nDCG@10, for [CLS] and for mean
+pooling. For reference, all-MiniLM-L6-v2's [CLS] gives Pearson 0.609 / Spearman 0.474, a random model
+0.124 / 0.091. The set is small: compare several seeds before claiming a gain.
+
+Held-out retrieval: the last --heldout-docs documents of --data, which training held out. From each
+block a span is cut out as the query, and the rest of the block is its target; every query ranks all
+targets. Reported: MRR@10 and Recall@1/10/100, leaving out a Recall@k whose k is not below the number of
+candidates (it would be 1 by construction); keys ending in _mean rank by mean-pooled embeddings.
+
+With the defaults, `retromae-ds eval EXPORT --data PREFIX` repeats the final evaluation of the run that
+wrote EXPORT: the settings that run evaluated with are recorded in the export and used unless a flag
+says otherwise (other folders: the trainer's defaults).""",
+    "init": """\
+Write editable copies of the bundled DeepSpeed configs and the Slurm script into DIR.
+
+A pip-installed retromae-ds has no ds_configs/ or launch/ folder to edit; training finds the bundled
+configs by name anyway (--deepspeed zero2). Use this command to change them, or to submit with Slurm:
+
+  retromae-ds init my_run && cd my_run
+  sbatch launch/slurm.sh --deepspeed ds_configs/zero2.json --data ... --model ...""",
+}
+
+
+def description(name: str, module) -> str:
+    return DESCRIPTIONS.get(name) or (module.__doc__ or COMMANDS[name][1]).strip()
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="retromae-ds",
         description="RetroMAE / DupMAE pre-training on DeepSpeed: prepare data, train, export, evaluate.",
     )
@@ -34,10 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+        p = sub.add_parser(name, help=help_text, description=description(name, module),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
-        p.set_defaults(_module=module)
+        p.set_defaults(_module=module, _parser=p)
     return parser
 
 

@@ -20,6 +20,11 @@ from typing import Any
 from retromae_ds.errors import UserError
 
 DEMO_DATA_PREFIX = "data/demo/minilm_128"
+# Evaluation defaults, shared by the trainer (--seed, --eval-max-length, --eval-heldout-docs) and
+# `retromae-ds eval` (--seed, --max-length, --heldout-docs), so that the two evaluate alike.
+DEFAULT_SEED = 42
+EVAL_MAX_LENGTH = 256
+EVAL_HELDOUT_DOCS = 50
 
 
 def _f(default, help: str, **kw):
@@ -34,7 +39,8 @@ class TrainConfig:
     # --- data -------------------------------------------------------------------------------
     data: list = _f([], "prepared dataset prefix(es) written by `retromae-ds prepare` (PREFIX.bin/.idx/.json)")
     data_weights: list = _f([], "blend weights, one per --data prefix (default: proportional to size)")
-    max_seq_len: int = _f(0, "tokens per sample incl. [CLS]/[SEP]; 0 = the dataset's max_seq_len; longer blocks are cut")
+    max_seq_len: int = _f(0, "tokens per sample incl. [CLS]/[SEP], at most the dataset's max_seq_len (0 = the "
+                             "dataset's); a smaller value cuts longer blocks")
     group_by_length: bool = _f(False, "group each global batch from samples of similar length (within windows of "
                                       "--group-window global batches, shuffled): little padding on corpora of short "
                                       "documents; the loss is then weighted per token. Resumable, every sample once "
@@ -94,13 +100,13 @@ class TrainConfig:
     save_interval: int = _f(500, "save a checkpoint every N steps (0 = only at the end / on a signal)")
     keep_last: int = _f(2, "complete checkpoints to keep")
     resume: str = _f("auto", "auto = newest complete checkpoint in --output-dir if any; a checkpoint path; none")
-    seed: int = _f(42, "seed of data order, masks, dropout and the decoder's initialisation")
+    seed: int = _f(DEFAULT_SEED, "seed of data order, masks, dropout and the decoder's initialisation")
     log_interval: int = _f(10, "log metrics every N steps")
     tensorboard_dir: str = _f("", "TensorBoard folder (default OUTPUT_DIR/tensorboard)")
     eval_interval: int = _f(0, "evaluate every N steps (0 = only at the end); Lee similarity, held-out retrieval and "
                                  "the decoder's [CLS] gain (eval/cls_gain)")
-    eval_heldout_docs: int = _f(50, "documents at the end of the first dataset held out for retrieval eval (0 = none)")
-    eval_max_length: int = _f(256, "max tokens per text in evaluation")
+    eval_heldout_docs: int = _f(EVAL_HELDOUT_DOCS, "documents at the end of the first dataset held out for retrieval eval (0 = none)")
+    eval_max_length: int = _f(EVAL_MAX_LENGTH, "max tokens per text in evaluation (capped at the model's positions)")
     export: bool = _f(True, "export the encoder (HF format) to OUTPUT_DIR/export at the end")
     profile_steps: str = _f("", "trace steps A-B with torch.profiler on rank 0, e.g. 20-25: a Perfetto/Chrome trace "
                                 "and a table of the top operators in OUTPUT_DIR/profile/")
@@ -120,6 +126,9 @@ class TrainConfig:
 
     # Names the user set explicitly (YAML or CLI); not a flag.
     explicit: set = field(default_factory=set, metadata={"internal": True})
+    # The --config file and the names whose value came from it (error messages say where a path was given).
+    yaml_file: str = field(default="", metadata={"internal": True})
+    from_yaml: set = field(default_factory=set, metadata={"internal": True})
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("internal")}
@@ -206,12 +215,29 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(load_yaml(args.config))
+    from_yaml = set(values)
     known = {f.name for f in config_fields()}
-    values.update({k: v for k, v in vars(args).items() if k in known})
+    cli = {k: v for k, v in vars(args).items() if k in known}
+    values.update(cli)
     cfg = TrainConfig(**values)
     cfg.explicit = set(values)
+    if getattr(args, "config", None):
+        cfg.yaml_file, cfg.from_yaml = str(args.config), from_yaml - set(cli)
     validate(cfg)
     return cfg
+
+
+def path_origin(cfg: TrainConfig, name: str, value: str | None = None) -> str:
+    """Where a path setting came from, for error messages: '' for the command line (or a default), else
+    a sentence saying that a relative path in the --config file resolves against the current folder."""
+    if name not in cfg.from_yaml:
+        return ""
+    value = getattr(cfg, name) if value is None else value
+    values = value if isinstance(value, list) else [value]
+    if not any(v and not os.path.isabs(str(v)) for v in values):
+        return f" (`{name}` in {cfg.yaml_file})"
+    return (f" (`{name}` in {cfg.yaml_file}: a relative path there resolves against the current folder "
+            f"{os.getcwd()}, not the YAML file's folder; give an absolute path or start from that folder)")
 
 
 def validate(cfg: TrainConfig) -> None:

@@ -38,6 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
+from retromae_ds.config import DEFAULT_SEED, EVAL_HELDOUT_DOCS, EVAL_MAX_LENGTH
 from retromae_ds.errors import UserError
 
 LEE_DOCS_FILE = "lee.cor"
@@ -334,18 +335,22 @@ def heldout_queries(blocks: Sequence[np.ndarray], *, seed: int = 0, query_fracti
     return _HELDOUT_SPLIT_CACHE[key]
 
 
-def rank_metrics(ranks: np.ndarray, suffix: str = "") -> dict[str, float]:
+RECALL_KS = (1, 10, 100)
+
+
+def rank_metrics(ranks: np.ndarray, suffix: str = "", candidates: int | None = None) -> dict[str, float]:
     """MRR@10 and Recall@1/10/100 of 1-based ranks (empty: all 0); ``suffix`` ends every key
-    (``"_mean"``: the mean-pooling keys, e.g. ``heldout/mrr10_mean``)."""
+    (``"_mean"``: the mean-pooling keys, e.g. ``heldout/mrr10_mean``). With ``candidates`` (how many
+    targets each query ranks), a Recall@k with k >= candidates is left out: every target is within the top
+    k, so it would be 1 by construction (50 held-out documents give ~60 candidates: no Recall@100)."""
     ranks = np.asarray(ranks)
+    ks = [k for k in RECALL_KS if candidates is None or k < candidates]
     if len(ranks) == 0:
-        return {f"heldout/{k}{suffix}": 0.0 for k in ("mrr10", "recall1", "recall10", "recall100")}
-    return {
-        f"heldout/mrr10{suffix}": float(np.where(ranks <= 10, 1.0 / ranks, 0.0).mean()),
-        f"heldout/recall1{suffix}": float((ranks <= 1).mean()),
-        f"heldout/recall10{suffix}": float((ranks <= 10).mean()),
-        f"heldout/recall100{suffix}": float((ranks <= 100).mean()),
-    }
+        return {f"heldout/{k}{suffix}": 0.0 for k in ["mrr10"] + [f"recall{k}" for k in ks]}
+    result = {f"heldout/mrr10{suffix}": float(np.where(ranks <= 10, 1.0 / ranks, 0.0).mean())}
+    for k in ks:
+        result[f"heldout/recall{k}{suffix}"] = float((ranks <= k).mean())
+    return result
 
 
 def heldout_retrieval(encoder, blocks: Sequence[np.ndarray], cls_id: int, sep_id: int, pad_id: int, *,
@@ -353,7 +358,8 @@ def heldout_retrieval(encoder, blocks: Sequence[np.ndarray], cls_id: int, sep_id
                       max_length: int = 512, batch_size: int = 32, device=None,
                       per_query: bool = False) -> dict:
     """MRR@10 and Recall@1/10/100 of span -> rest-of-passage retrieval by [CLS] cosine, and the same
-    by mean-pooled cosine (keys ending in ``_mean``, e.g. ``heldout/mrr10_mean``).
+    by mean-pooled cosine (keys ending in ``_mean``, e.g. ``heldout/mrr10_mean``). A Recall@k whose k is
+    not below the number of targets (``heldout/num_queries``) is left out (see :func:`rank_metrics`).
 
     Queries and targets come from :func:`heldout_queries` (passages shorter than ``min_len`` are
     skipped); each query and each target is embedded exactly once (one forward gives both poolings), and
@@ -371,7 +377,9 @@ def heldout_retrieval(encoder, blocks: Sequence[np.ndarray], cls_id: int, sep_id
     t_emb = embed_ids(encoder, targets, cls_id, sep_id, pad_id, **kw)
     ranks = retrieval_ranks(q_emb["cls"], t_emb["cls"])
     ranks_mean = retrieval_ranks(q_emb["mean"], t_emb["mean"])
-    result = {**rank_metrics(ranks), **rank_metrics(ranks_mean, "_mean"), "heldout/num_queries": len(queries)}
+    candidates = len(targets)  # every query ranks all targets: a Recall@k with k >= this would be 1
+    result = {**rank_metrics(ranks, candidates=candidates), **rank_metrics(ranks_mean, "_mean", candidates),
+              "heldout/num_queries": len(queries)}
     if per_query:
         result["heldout/ranks"] = [int(r) for r in ranks]
         result["heldout/ranks_mean"] = [int(r) for r in ranks_mean]
@@ -465,17 +473,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hugging Face encoder folder (config + weights + tokenizer), e.g. an export")
     parser.add_argument("--data", metavar="PREFIX", default=None,
                         help="prepared dataset; its last --heldout-docs documents are used for retrieval")
-    parser.add_argument("--heldout-docs", type=int, default=50,
-                        help="documents at the end of --data to retrieve among (default 50; match training's "
-                             "--eval-heldout-docs so they are unseen)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per input incl. [CLS]/[SEP]")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=42,
-                        help="seed of the held-out query spans (default 42, the trainer's default --seed: with "
-                             "the run's --eval-heldout-docs and --eval-max-length this repeats its final eval)")
+    parser.add_argument("--heldout-docs", type=int, default=None, metavar="N",
+                        help=f"documents at the end of --data to retrieve among (default: what the run that wrote "
+                             f"MODEL_DIR held out, else {EVAL_HELDOUT_DOCS}, the trainer's --eval-heldout-docs)")
+    parser.add_argument("--max-length", type=int, default=None, metavar="N",
+                        help=f"tokens per input incl. [CLS]/[SEP], at most the model's positions (default: the run's "
+                             f"--eval-max-length, else {EVAL_MAX_LENGTH}, the trainer's default)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="N",
+                        help="texts per forward pass (default 32, as in training)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help=f"seed of the held-out query spans (default: the run's --seed, else {DEFAULT_SEED}, "
+                             f"the trainer's default)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-lee", action="store_true", help="skip the Lee similarity evaluation")
     parser.add_argument("--json", metavar="OUT.json", default=None, help="also write the results as JSON")
+
+
+# The export records the settings of its run's evaluation here (retromae_ds/engine/export.py).
+RUN_RECORD = os.path.join("retromae", "exported_from.json")
+
+
+def run_evaluation_settings(model_dir: str) -> dict:
+    """The evaluation settings the export in `model_dir` recorded from its run ({} when it has none):
+    max_length, heldout_docs, seed and the run's first --data prefix."""
+    try:
+        with open(os.path.join(model_dir, RUN_RECORD), encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    settings = record.get("evaluation") if isinstance(record, dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def evaluation_length(requested: int, encoder) -> int:
+    """Texts are cut to what the position table holds, as the trainer cuts them (a 128-position model
+    cannot embed 256 tokens); rotary models take `requested`."""
+    from retromae_ds.model.positions import token_positions
+
+    try:
+        positions = token_positions(encoder)
+    except AttributeError:
+        positions = None
+    return min(requested, positions or requested)
 
 
 def load_encoder(model_dir: str):
@@ -514,27 +553,50 @@ def main(args) -> int:
 
     from retromae_ds.data.indexed import IndexedDataset, check_tokenizer_matches
 
-    if args.max_length < 3 or args.batch_size < 1:
-        raise UserError(f"--max-length must be >= 3 and --batch-size >= 1 (got {args.max_length}, {args.batch_size}).")
+    run = run_evaluation_settings(args.model_dir)
+    recorded = {k: run[k] for k in ("max_length", "heldout_docs", "seed")
+                if isinstance(run.get(k), int) and getattr(args, k) is None}
+    max_length = args.max_length if args.max_length is not None else recorded.get("max_length", EVAL_MAX_LENGTH)
+    heldout_docs = args.heldout_docs if args.heldout_docs is not None else recorded.get("heldout_docs",
+                                                                                         EVAL_HELDOUT_DOCS)
+    seed = args.seed if args.seed is not None else recorded.get("seed", DEFAULT_SEED)
+    if max_length < 3 or args.batch_size < 1:
+        raise UserError(f"--max-length must be >= 3 and --batch-size >= 1 (got {max_length}, {args.batch_size}).")
     encoder, tokenizer = load_encoder(args.model_dir)
+    length = evaluation_length(max_length, encoder)
+    if recorded:
+        used = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in recorded.items())
+        print(f"settings of the run's own evaluation, recorded in {os.path.join(args.model_dir, RUN_RECORD)}: "
+              f"{used} (flags override them)")
+    if length < max_length and args.max_length is not None:
+        print(f"texts cut to {length} tokens, the model's positions (--max-length {max_length} asked for more)")
+    if not args.data and run.get("data"):
+        print(f"held-out retrieval needs --data: the run held out the last {run.get('heldout_docs')} documents "
+              f"of {run['data']}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     encoder.to(device)
     results: dict = {}
     if not args.no_lee:
-        results.update(lee_similarity(encoder, tokenizer, max_length=args.max_length,
-                                      batch_size=args.batch_size, device=device))
+        results.update(lee_similarity(encoder, tokenizer, max_length=length, batch_size=args.batch_size,
+                                      device=device))
     if args.data:
         dataset = IndexedDataset(args.data)
         check_tokenizer_matches(dataset.meta, tokenizer, dataset.prefix)
-        _, blocks = heldout_blocks(dataset, args.heldout_docs)
+        _, blocks = heldout_blocks(dataset, heldout_docs)
         results.update(heldout_retrieval(encoder, blocks, tokenizer.cls_token_id, tokenizer.sep_token_id,
-                                         tokenizer.pad_token_id, seed=args.seed, max_length=args.max_length,
+                                         tokenizer.pad_token_id, seed=seed, max_length=length,
                                          batch_size=args.batch_size, device=device))
     width = max((len(k) for k in results), default=0)
     print(f"{'metric':<{width}}  value")
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    left_out = [f"recall{k}" for k in RECALL_KS if args.data and f"heldout/recall{k}" not in results]
+    if left_out:
+        print(f"({', '.join(left_out)} left out: each query ranks only {results.get('heldout/num_queries')} "
+              f"candidates, so a Recall@k with k at least that is 1 by construction; a larger --heldout-docs "
+              f"gives more candidates)")
     if args.json:
         _write_json_atomic(args.json, {"model_dir": os.path.abspath(args.model_dir), "data": args.data,
-                                       "max_length": args.max_length, "seed": args.seed, "metrics": results})
+                                       "max_length": length, "heldout_docs": heldout_docs, "seed": seed,
+                                       "metrics": results})
     return 0

@@ -64,7 +64,10 @@ def padding_report(ds, args) -> dict:
     if args.micro_batch_size < 1 or args.group_window < 1 or max_seq_len < 3:
         raise UserError("--micro-batch-size and --group-window must be >= 1, --max-seq-len >= 3.")
     out = {"micro_batch_size": args.micro_batch_size, "max_seq_len": max_seq_len,
-           "note": "the first 4,000 micro-batches of the training order (one rank); accelerators pad to a multiple of 8"}
+           "note": "real tokens / computed positions ([CLS]/[SEP] included) over the first 4,000 micro-batches of "
+                   "the training order (one rank), each micro-batch padded to its longest block (accelerators: "
+                   "rounded up to a multiple of 8); prepare's fill ratio is another figure: tokens / (blocks x "
+                   "(max_seq_len - 2)), how full the blocks are, whatever the batches"}
     for name, window in (("random", 0), ("grouped", args.group_window)):
         for device, multiple in (("cpu", 1), ("accelerator", 8)):
             out[f"{name}_{device}"] = round(expected_efficiency(

@@ -23,8 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    for path in write_templates(Path(args.folder), overwrite=args.overwrite):
-        print(path)
+    folder = Path(args.folder)
+    written = write_templates(folder, overwrite=args.overwrite)
+    print(f"wrote {len(written)} files to {folder}/ (edit them freely):")
+    for path in written:
+        print(f"  {path}")
+    print(f"next: cd {folder} && sbatch launch/slurm.sh --deepspeed ds_configs/zero2.json --data ... --model ...\n"
+          f"  (or, without Slurm: deepspeed --module retromae_ds.engine.trainer --deepspeed ds_configs/zero2.json ...)")
     return 0
 
 

@@ -202,13 +202,13 @@ def test_split_query_target_is_a_contiguous_cut():
 def test_heldout_perfect_identity_scores_one_and_noise_scores_low():
     blocks = disjoint_passages(n=60) + [np.array([5, 6, 7])]  # a too-short passage is skipped
     perfect = heldout_retrieval(BagOfIdsEncoder(vocab_size=3100), blocks, 0, 1, 2, seed=0)
-    cls_keys = ("heldout/mrr10", "heldout/recall1", "heldout/recall10", "heldout/recall100")
+    cls_keys = ("heldout/mrr10", "heldout/recall1", "heldout/recall10")  # no recall100: only 60 candidates
     # mean pooling sees the counts / length: the same direction, so it is perfect too
     assert perfect == {**{k: 1.0 for k in cls_keys}, **{f"{k}_mean": 1.0 for k in cls_keys},
                        "heldout/num_queries": 60}
     noise = heldout_retrieval(NoiseEncoder(), blocks, 0, 1, 2, seed=0)
     assert noise["heldout/mrr10"] < 0.2 and noise["heldout/recall1"] < 0.15
-    assert noise["heldout/recall100"] == 1.0  # only 60 candidates
+    assert "heldout/recall100" not in noise  # it would be 1.0 by construction with 60 candidates
 
 
 def test_heldout_is_deterministic_per_seed(minilm, tiny_dataset):

@@ -316,6 +316,33 @@ def _sync_folder(folder: str) -> None:
 # Reading
 # --------------------------------------------------------------------------------------------
 
+def _damaged(prefix: str, path: str, problem: str) -> UserError:
+    return UserError(f"{path}: {problem}. The dataset is damaged or incomplete; re-run "
+                     f"`retromae-ds prepare --output {prefix} --overwrite ...` to rebuild it.")
+
+
+def read_meta(prefix: str) -> dict:
+    """The metadata (PREFIX.json) of the prepared dataset at `prefix`, after checking that its three
+    files exist: the first, cheap part of opening it (the trainer's start-up check reads only this)."""
+    prefix = normalize_prefix(prefix)
+    paths = dataset_paths(prefix)
+    if not os.path.exists(paths["idx"]):
+        leftovers = [p + PARTIAL for p in paths.values() if os.path.exists(p + PARTIAL)]
+        hint = (f" Only unfinished files of an interrupted prepare exist ({', '.join(leftovers)}); "
+                f"run prepare again.") if leftovers else ""
+        raise UserError(f"no prepared dataset at {prefix}: {paths['idx']} does not exist.{hint} "
+                        f"Create one with `retromae-ds prepare --output {prefix} ...` "
+                        f"(or `--demo`).")
+    for ext in ("bin", "json"):
+        if not os.path.exists(paths[ext]):
+            raise _damaged(prefix, paths[ext], "missing")
+    with open(paths["json"], encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise _damaged(prefix, paths["json"], f"not valid JSON ({err})") from None
+
+
 class IndexedDataset:
     """Read-only, memory-mapped view of a prepared dataset: ``ds[i]`` is block i's ids.
 
@@ -329,27 +356,11 @@ class IndexedDataset:
         self._open()
 
     def _fail(self, path: str, problem: str) -> UserError:
-        return UserError(f"{path}: {problem}. The dataset is damaged or incomplete; re-run "
-                         f"`retromae-ds prepare --output {self.prefix} --overwrite ...` to rebuild it.")
+        return _damaged(self.prefix, path, problem)
 
     def _open(self) -> None:
         paths = dataset_paths(self.prefix)
-        if not os.path.exists(paths["idx"]):
-            leftovers = [p + PARTIAL for p in paths.values() if os.path.exists(p + PARTIAL)]
-            hint = (f" Only unfinished files of an interrupted prepare exist ({', '.join(leftovers)}); "
-                    f"run prepare again.") if leftovers else ""
-            raise UserError(f"no prepared dataset at {self.prefix}: {paths['idx']} does not exist.{hint} "
-                            f"Create one with `retromae-ds prepare --output {self.prefix} ...` "
-                            f"(or `--demo`).")
-        for ext in ("bin", "json"):
-            if not os.path.exists(paths[ext]):
-                raise self._fail(paths[ext], "missing")
-        with open(paths["json"], encoding="utf-8") as f:
-            try:
-                self.meta = json.load(f)
-            except json.JSONDecodeError as err:
-                raise self._fail(paths["json"], f"not valid JSON ({err})") from None
-
+        self.meta = read_meta(self.prefix)
         idx_len = os.path.getsize(paths["idx"])
         if idx_len < HEADER.size:
             raise self._fail(paths["idx"], f"only {idx_len} bytes, shorter than the {HEADER.size}-byte header")

@@ -88,8 +88,10 @@ def format_summary(s: dict) -> str:
             f"{s['num_blocks']:,} blocks, {s['num_tokens']:,} tokens ({s['dtype']})\n"
             f"  dropped empty documents: {s['dropped_empty_documents']:,}; "
             f"skipped bad records: {s['skipped_bad_records']:,}\n"
-            f"  fill ratio {s['fill_ratio']:.3f} (tokens / (blocks x {s['block_capacity']}), i.e. the share "
-            f"of a padded batch that is real text)\n"
+            f"  fill ratio {s['fill_ratio']:.3f}: tokens / (blocks x {s['block_capacity']}), how full the blocks "
+            f"are. Training pads each micro-batch to its longest block (with --static-shapes: to the full length), "
+            f"so the share of real tokens it computes differs: `retromae-ds info {s['prefix']}` shows it "
+            f"(padding_efficiency)\n"
             f"  {s['seconds']:.1f} s, {s['tokens_per_second']:,.0f} tokens/s with {s['num_proc']} process(es)")
 
 

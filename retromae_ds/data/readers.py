@@ -198,6 +198,9 @@ class FileReader:
 
     # -- the line-by-line path (--on-bad-record skip) -------------------------------------------
     def _line_batches(self, source: Source) -> Iterator[list[str]]:
+        binary = binary_file_problem(source)
+        if binary:  # its "lines" are no records to skip: the whole file is the wrong input
+            raise UserError(f"{binary}.")
         batch: list[str] = []
         with open(source.path, "rb") as f:
             for line in f:
@@ -253,10 +256,43 @@ def _first_non_utf8(path: str) -> tuple[int, int, bytes] | None:
     return None
 
 
+# Magic numbers of binary formats people feed by mistake (a compressed corpus, an archive, a document).
+BINARY_MAGIC = ((b"\x1f\x8b", "gzip-compressed", "decompress it first: `gzip -dc FILE > OUT`"),
+                (b"BZh", "bzip2-compressed", "decompress it first: `bzip2 -dc FILE > OUT`"),
+                (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first: `xz -dc FILE > OUT`"),
+                (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first: `zstd -dc FILE > OUT`"),
+                (b"PK\x03\x04", "a zip archive (or an Office document)", "extract its text files to OUT"),
+                (b"%PDF", "a PDF document", "extract its text first, e.g. `pdftotext FILE OUT`"),
+                (b"PAR1", "a Parquet file", "give it the .parquet extension"),
+                (b"\x89HDF", "an HDF5 file", "write its text column to a .jsonl or .parquet file"))
+TEXT_KINDS = ("jsonl", "json", "txt", "csv", "tsv")
+
+
+def binary_file_problem(source: Source) -> str | None:
+    """'PATH is not text: ...' when a file that should hold text is binary (a known magic number, or NUL
+    bytes in its first 8 KiB, as `grep` and `git` decide), else None. Re-encoding cannot fix such a file."""
+    if source.kind not in TEXT_KINDS:
+        return None
+    with open(source.path, "rb") as f:
+        head = f.read(8192)
+    ext = os.path.splitext(source.path)[1]
+    for magic, what, fix in BINARY_MAGIC:
+        if head.startswith(magic):
+            fix = fix.replace("FILE", source.path).replace("OUT", f"corpus{ext}")
+            return f"{source.path} is {what}, not a text {ext} file: {fix}, then pass that to --input"
+    if b"\x00" in head:
+        return (f"{source.path} is a binary file (it holds NUL bytes), not a text {ext} file: give --input the "
+                f"corpus as text files ({', '.join(sorted(FILE_KINDS))}), folders of them or a save_to_disk folder")
+    return None
+
+
 def diagnose_unreadable(source: Source, field: str, err: Exception) -> UserError:
     """Turn a loader failure into a message naming the file, the line and the fix."""
     line_based = source.kind in ("jsonl", "txt") or (source.kind == "json" and not _starts_with(source.path, b"["))
-    if source.kind in ("jsonl", "json", "txt", "csv", "tsv"):
+    binary = binary_file_problem(source)
+    if binary:
+        return UserError(f"{binary}.")
+    if source.kind in TEXT_KINDS:
         bad = _first_non_utf8(source.path)
         if bad:
             lineno, offset, raw = bad
