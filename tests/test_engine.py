@@ -309,14 +309,16 @@ def test_resume_refuses_a_checkpoint_trained_on_different_data(runs, setup):
     assert [p.name for p in (out / "checkpoints").iterdir()] == [src.name]
 
 
-def test_max_seq_len_beyond_the_model_positions_is_a_clear_error(setup):
+def test_max_seq_len_beyond_the_data_and_the_model_positions_is_a_clear_error(setup):
+    """The data (prepared at 64) is checked first, before DeepSpeed starts; the model's 128 positions are
+    checked after (tests/test_model.py: resolve_max_seq_len)."""
     out = setup["root"] / "too_long"
     args = setup["base"] + COMMON + ["--deepspeed", "ds_configs/zero2.json", "--output-dir", str(out),
                                      "--max-seq-len", "200"]
     res = R.run("python", 1, args, setup["root"] / "too_long.log")
     assert res.returncode == 2, res.stdout[-4000:]
-    assert "--max-seq-len 200 exceeds the model's 128 positions" in res.stdout
-    assert "Traceback" not in res.stdout
+    assert "--max-seq-len 200 is longer than the data" in res.stdout and "max_seq_len 64" in res.stdout
+    assert "Traceback" not in res.stdout and not out.exists()
 
 
 @pytest.fixture(scope="module")

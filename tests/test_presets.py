@@ -121,8 +121,8 @@ COMMON = ["--micro-batch-size", "4", "--log-interval", "1", "--save-interval", "
 
 @pytest.fixture(scope="module")
 def preset_run(tmp_path_factory):
-    """bert-tiny trained 2 steps at --max-seq-len 100 (positions: 128) on data prepared at 64, exported."""
-    run = tiny_run(tmp_path_factory.mktemp("preset"), n_docs=60, max_seq_len=64)
+    """bert-tiny trained 2 steps at --max-seq-len 100 (positions: 128) on data prepared at 100, exported."""
+    run = tiny_run(tmp_path_factory.mktemp("preset"), n_docs=60, max_seq_len=100)
     out = run["root"] / "run"
     args = ["--data", run["prefix"], "--model-config", "bert-tiny", "--tokenizer", run["tok"], *COMMON]
     res = R.run("python", 1, args + ["--output-dir", str(out), "--max-steps", "2", "--max-seq-len", "100"],
@@ -155,11 +155,12 @@ def test_the_resolved_config_is_saved_in_checkpoints_and_the_export(preset_run, 
 
 
 def test_a_resume_reuses_the_saved_config_not_a_new_resolution(preset_run):
-    """Resumed without --max-seq-len (the data's 64 would size the table at 64 positions): the run continues
-    with the 128-position table its checkpoint saved, instead of failing to load the trained rows."""
+    """Resumed at --max-seq-len 64 (which would size the table at 64 positions): the run continues with the
+    128-position table its checkpoint saved, instead of failing to load the trained rows."""
     out = preset_run["root"] / "resumed"
     shutil.copytree(ck.checkpoint_root(preset_run["out"]) / ck.tag_for(2), ck.checkpoint_root(out) / ck.tag_for(2))
-    res = R.run("python", 1, preset_run["args"] + ["--output-dir", str(out), "--max-steps", "3", "--no-export"],
+    res = R.run("python", 1, preset_run["args"] + ["--output-dir", str(out), "--max-steps", "3", "--no-export",
+                                                   "--max-seq-len", "64"],
                 preset_run["root"] / "resumed.log", timeout=300)
     assert res.returncode == 0, res.stdout[-4000:]
     assert "resumed from" in res.stdout and "resuming, so the config saved in" in res.stdout

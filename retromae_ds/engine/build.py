@@ -84,9 +84,7 @@ def load_data(cfg: TrainConfig, tokenizer) -> DataBundle:
     if cfg.eval_heldout_docs > 0:
         from retromae_ds.evaluate import heldout_blocks
 
-        if first.num_documents <= cfg.eval_heldout_docs:
-            raise UserError(f"--eval-heldout-docs {cfg.eval_heldout_docs}: {first.prefix} has only "
-                            f"{first.num_documents} documents; hold out fewer (or 0 to disable retrieval eval).")
+        check_heldout_docs(cfg.eval_heldout_docs, first.num_documents, first.prefix)
         train_blocks, heldout = heldout_blocks(first, cfg.eval_heldout_docs)
         datasets[0] = BlockSubset(first, 0, train_blocks)
     if len(datasets) == 1:
@@ -98,6 +96,32 @@ def load_data(cfg: TrainConfig, tokenizer) -> DataBundle:
     # stay memory-mapped: no per-rank copy of 4-8 bytes per block)
     sizes = np.asarray(train.sizes)
     return DataBundle(train=train, train_sizes=sizes, heldout=heldout, fingerprints=fingerprints, meta=first.meta)
+
+
+def check_heldout_docs(heldout_docs: int, num_documents: int, prefix: str) -> None:
+    if num_documents <= heldout_docs:
+        raise UserError(f"--eval-heldout-docs {heldout_docs}: {prefix} has only {num_documents} documents; hold "
+                        f"out fewer (or 0 to disable retrieval eval).")
+
+
+def check_max_seq_len_fits_data(max_seq_len: int, metas: dict[str, dict]) -> None:
+    """--max-seq-len may not exceed the longest max_seq_len the data was prepared with (`metas`: prefix ->
+    PREFIX.json): the blocks are no longer than that, so longer positions would never be trained, yet a
+    --model-config preset would add them to the model (and --static-shapes pad every batch to them)."""
+    if not max_seq_len or not metas:
+        return
+    prepared = {prefix: int(meta["max_seq_len"]) for prefix, meta in metas.items() if "max_seq_len" in meta}
+    if not prepared:
+        return
+    prefix, longest = max(prepared.items(), key=lambda item: item[1])
+    if max_seq_len > longest:
+        what = (f"{prefix} was prepared with max_seq_len {longest}" if len(prepared) == 1 else
+                f"the longest of the --data prefixes ({prefix}) was prepared with max_seq_len {longest}")
+        raise UserError(f"--max-seq-len {max_seq_len} is longer than the data: {what}, so no block is longer than "
+                        f"{longest - 2} tokens plus [CLS]/[SEP], and positions beyond {longest} would never be "
+                        f"trained (a --model-config preset would still add them to the model). Use --max-seq-len "
+                        f"{longest} or less (0 = the data's), or prepare the data again with `retromae-ds prepare "
+                        f"--max-seq-len {max_seq_len} ...` for longer blocks.")
 
 
 def resolve_max_seq_len(cfg: TrainConfig, meta: dict, model_config) -> int:
@@ -176,6 +200,7 @@ def resolve_model_config(cfg: TrainConfig, tokenizer):
     from retromae_ds.model import presets
 
     name, main = cfg.model_config, os.environ.get("RANK", "0") == "0"
+    check_model_config_name(name)
     if Path(name).exists():
         if presets.is_preset(name) and main:
             print(f"[retromae-ds] --model-config {name}: using the file/folder of that name here, not the preset",
@@ -184,9 +209,6 @@ def resolve_model_config(cfg: TrainConfig, tokenizer):
             return AutoConfig.from_pretrained(name)
         except Exception as err:
             raise UserError(f"--model-config {name}: not a Hugging Face config ({err}).") from None
-    if not presets.is_preset(name):
-        raise UserError(f"--model-config {name}: no such file or folder, and not a preset. Give an HF config.json "
-                        f"or a folder holding one, or a preset: {presets.preset_list()}.")
     saved = _saved_preset_config(cfg)
     if saved is not None:
         config, where = AutoConfig.from_pretrained(saved), f"the config saved in {saved.parent}"
@@ -202,6 +224,27 @@ def resolve_model_config(cfg: TrainConfig, tokenizer):
     if isinstance(limit, int) and limit > config.max_position_embeddings:
         tokenizer.model_max_length = config.max_position_embeddings
     return config
+
+
+def check_model_config_name(name: str) -> None:
+    """--model-config must be an existing config file/folder or a preset name."""
+    from retromae_ds.model import presets
+
+    if not Path(name).exists() and not presets.is_preset(name):
+        raise UserError(f"--model-config {name}: no such file or folder, and not a preset. Give an HF config.json "
+                        f"or a folder holding one, or a preset: {presets.preset_list()}.")
+
+
+def check_model_folder(path: str) -> None:
+    """--model must be a local folder with a Hugging Face config.json, or a RetroMAE folder (encoder_model/)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise UserError(f"--model {path}: no such folder. Give a local Hugging Face model folder "
+                        f"(nothing is downloaded at run time).")
+    if not (folder / "config.json").is_file() and not (folder / "encoder_model" / "config.json").is_file():
+        raise UserError(f"--model {path}: no config.json in this folder, so it is not a Hugging Face model folder "
+                        f"(save_pretrained output) or a RetroMAE folder (with encoder_model/). Point --model at the "
+                        f"folder that holds config.json and the weights.")
 
 
 def training_length(cfg: TrainConfig) -> tuple[int, str]:
