@@ -167,3 +167,25 @@ def test_a_resume_reuses_the_saved_config_not_a_new_resolution(preset_run):
     last = ck.complete_checkpoints(out)[-1]
     assert last.name == ck.tag_for(3)
     assert json.loads((last / "model_config" / "config.json").read_text())["max_position_embeddings"] == 128
+
+
+def test_a_damaged_newest_checkpoint_gives_neither_its_config_nor_its_weights(preset_run):
+    """One owner for the resume point: the newest checkpoint's saved config was edited after it was
+    written (64 positions instead of 128), so it fails verification. The run must build its model from the
+    config of the checkpoint it really resumes from (step 1), not from the newest folder it sees."""
+    out = preset_run["root"] / "damaged_newest"
+    for step in (1, 2):
+        tag = ck.tag_for(step)
+        shutil.copytree(ck.checkpoint_root(preset_run["out"]) / tag, ck.checkpoint_root(out) / tag)
+    config = ck.checkpoint_root(out) / ck.tag_for(2) / "model_config" / "config.json"
+    values = json.loads(config.read_text())
+    values["max_position_embeddings"] = 64
+    config.write_text(json.dumps(values))
+    res = R.run("python", 1, preset_run["args"] + ["--output-dir", str(out), "--max-steps", "3", "--no-export",
+                                                   "--max-seq-len", "64"],
+                preset_run["root"] / "damaged_newest.log", timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert f"resumed from {ck.checkpoint_root(out) / ck.tag_for(1)} at step 1" in res.stdout, res.stdout[-4000:]
+    assert (ck.checkpoint_root(out) / (ck.tag_for(2) + ".damaged")).is_dir()
+    last = ck.complete_checkpoints(out)[-1]
+    assert json.loads((last / "model_config" / "config.json").read_text())["max_position_embeddings"] == 128

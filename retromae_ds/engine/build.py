@@ -159,8 +159,10 @@ def load_tokenizer(cfg: TrainConfig):
         raise UserError(f"--tokenizer/--model {path}: could not load a tokenizer from this folder ({err}).") from None
 
 
-def build_model(cfg: TrainConfig, tokenizer):
-    """RetroMAE wrapper around the encoder; identical initialisation on every rank (seeded)."""
+def build_model(cfg: TrainConfig, tokenizer, resume_from: Path | None = None):
+    """RetroMAE wrapper around the encoder; identical initialisation on every rank (seeded).
+    `resume_from`: the checkpoint the run resumes from, as the trainer's Checkpointer decided (verified);
+    a preset's config is then the one saved there."""
     import torch
     from transformers import AutoModelForMaskedLM
 
@@ -170,7 +172,7 @@ def build_model(cfg: TrainConfig, tokenizer):
                           ce_chunk_size=cfg.ce_chunk_size or None)
     torch.manual_seed(cfg.seed)
     if cfg.model_config:
-        hf_config = resolve_model_config(cfg, tokenizer)
+        hf_config = resolve_model_config(cfg, tokenizer, resume_from)
         if hf_config.vocab_size < len(tokenizer):
             raise UserError(f"--model-config {cfg.model_config}: vocab_size {hf_config.vocab_size} is smaller than "
                             f"the tokenizer's {len(tokenizer)} ids; set vocab_size >= {len(tokenizer)}.")
@@ -188,11 +190,12 @@ def build_model(cfg: TrainConfig, tokenizer):
     return model
 
 
-def resolve_model_config(cfg: TrainConfig, tokenizer):
+def resolve_model_config(cfg: TrainConfig, tokenizer, resume_from: Path | None = None):
     """--model-config: an HF config.json or folder (an existing path wins), or a preset name
     (retromae_ds/model/presets.py). A preset is sized from the tokenizer (vocabulary, special ids) and the
-    training length (position table); resuming a run that started from the same preset reuses the config
-    its checkpoint saved, so a resume never depends on the flags or transformers defaults of the day. A
+    training length (position table); resuming (`resume_from`: the verified checkpoint) a run that started
+    from the same preset reuses the config that checkpoint saved, so a resume never depends on the flags
+    or transformers defaults of the day. A
     preset caps the tokenizer's model_max_length at the position table (saved with it), so an exported
     tokenizer never emits more tokens than the model has positions."""
     from transformers import AutoConfig
@@ -209,7 +212,7 @@ def resolve_model_config(cfg: TrainConfig, tokenizer):
             return AutoConfig.from_pretrained(name)
         except Exception as err:
             raise UserError(f"--model-config {name}: not a Hugging Face config ({err}).") from None
-    saved = _saved_preset_config(cfg)
+    saved = _saved_preset_config(cfg, resume_from)
     if saved is not None:
         config, where = AutoConfig.from_pretrained(saved), f"the config saved in {saved.parent}"
         if main:
@@ -264,24 +267,16 @@ def training_length(cfg: TrainConfig) -> tuple[int, str]:
     return length, f"the dataset's max_seq_len {length}"
 
 
-def _saved_preset_config(cfg: TrainConfig) -> Path | None:
-    """The model_config/ folder of the checkpoint this run resumes from, when that run started from the same
-    preset name; None otherwise. Only a look ahead: the trainer's Checkpointer still decides (and verifies)
-    what to resume from; an older checkpoint of the same run holds the same config."""
+def _saved_preset_config(cfg: TrainConfig, resume_from: Path | None) -> Path | None:
+    """The model_config/ folder of `resume_from` (the checkpoint the trainer resumes from) when its run
+    started from the same preset name; None otherwise (or when not resuming)."""
     from retromae_ds.engine import checkpoint as ckpt
 
-    if cfg.resume in ("", "none", "no", "false"):
+    if resume_from is None:
         return None
-    if cfg.resume == "auto":
-        found = ckpt.complete_checkpoints(cfg.output_dir)
-    else:
-        path = Path(cfg.resume)
-        found = [path] if ckpt.is_complete(path) else ckpt.complete_checkpoints(path) if path.is_dir() else []
-    if not found:
-        return None
-    marker = ckpt.read_marker(found[-1]) or {}
+    marker = ckpt.read_marker(Path(resume_from)) or {}
     started_with = marker.get("client_state", {}).get("config", {}).get("model_config")
-    folder = found[-1] / "model_config"
+    folder = Path(resume_from) / "model_config"
     return folder if started_with == cfg.model_config and (folder / "config.json").is_file() else None
 
 

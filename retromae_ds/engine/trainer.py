@@ -437,10 +437,16 @@ class Trainer:
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
 
+        # --- what to resume from: decided once, here, by rank 0 (which verifies and sets damaged
+        # checkpoints aside); every rank follows, and everything below reads this one decision ----------
+        ckpts = self.checkpointer = Checkpointer(cfg, dist, self.out_dir)
+        point = ckpts.find_resume()
+        self.resumed = point is not None
+
         # --- data, tokenizer, model -------------------------------------------------------------
         self.tokenizer = tokenizer = load_tokenizer(cfg)
         self.data = data = load_data(cfg, tokenizer)
-        self.model = model = build_model(cfg, tokenizer)
+        self.model = model = build_model(cfg, tokenizer, resume_from=point.path if point else None)
         cfg.max_seq_len = resolve_max_seq_len(cfg, data.meta, model.lm.config)
         # evaluation texts are cut to what the position table holds (a 128-position model and the
         # default --eval-max-length 256 would otherwise fail at the end of training)
@@ -460,10 +466,7 @@ class Trainer:
         if cfg.compile:
             self._compile(ds_json)
 
-        # --- what to resume from: rank 0 decides (and sets damaged checkpoints aside), all follow ----
-        ckpts = self.checkpointer = Checkpointer(cfg, dist, self.out_dir)
-        point = ckpts.find_resume()
-        self.resumed = point is not None
+        # --- the schedule: the checkpoint's, when resuming ---------------------------------------------
         self.sched = plan_schedule(max_steps=cfg.max_steps, epochs=cfg.epochs, warmup=cfg.warmup,
                                    num_samples=n_train, batch=point.schedule_batch if point else self.global_batch,
                                    schedule=cfg.schedule, decay_fraction=cfg.decay_fraction,
