@@ -38,6 +38,8 @@ E = "tests/test_engine.py::"
 M = "tests/test_config_matrix.py::"
 F = "tests/test_cluster_faults.py::"
 R = "tests/test_math_reference.py::"
+HC = "tests/test_head_calls.py::"
+Z = "tests/test_zero_failures.py::"
 
 
 @dataclass
@@ -236,6 +238,38 @@ MUTATIONS = [
              "decoder_loss = dec_sum / encoder_tokens.clamp(min=1)",
              [R + "test_forward_loss_is_encoder_plus_decoder_plus_weighted_bow"],
              "the decoder loss is averaged over the encoder's masked tokens"),
+    # --- failures at scale (issue 27: tests/test_head_calls.py, tests/test_zero_failures.py) ---
+    Mutation("eval-heads-unchunked", "retromae_ds/model/heads.py",
+             "calls = head_calls(count, chunk_size, max_rows)\n",
+             "calls = head_calls(count, chunk_size, max_rows) if torch.is_grad_enabled() else 1\n",
+             [HC + "test_cls_gain_never_projects_more_rows_than_the_chunk"],
+             "--ce-chunk-size ignored under no_grad: cls_gain projects every row at once"),
+    Mutation("head-calls-follow-the-batch", "retromae_ds/model/heads.py",
+             "return max(1, -(-max(rows, max_rows or 0) // chunk_size))",
+             "return max(1, -(-rows // chunk_size))",
+             [HC + "test_head_calls_per_forward_do_not_depend_on_the_batch",
+              Z + "test_zero3_chunked_heads_on_grouped_ragged_batches"],
+             "the number of head chunks follows each rank's rows (ZeRO-3 ranks gather a different number of times)"),
+    Mutation("pool-slices-follow-the-batch", "retromae_ds/model/heads.py",
+             "span = max(length, max_length or 0) if chunk_size else length",
+             "span = length",
+             [HC + "test_head_calls_per_forward_do_not_depend_on_the_batch"],
+             "DupMAE's chunked head follows each rank's width"),
+    Mutation("cls-gain-cut-at-training-length", "retromae_ds/engine/trainer.py",
+             "max_tokens=min(self.block_cap, self.eval_max_length - 2))",
+             "max_tokens=self.block_cap)",
+             [Z + "test_zero3_chunked_heads_on_grouped_ragged_batches"],
+             "cls_gain cuts held-out blocks at the training length, not --eval-max-length"),
+    Mutation("zero1-frozen-decoder-lost", "retromae_ds/engine/checkpoint.py",
+             "    return _with_frozen_parameters(path, state)\n",
+             "    return state\n",
+             [Z + "test_zero1_mlm_keeps_the_frozen_decoder_for_export_and_a_new_world_size"],
+             "ZeRO-1 consolidation without the frozen decoder of --objective mlm (export fails)"),
+    Mutation("grouped-loss-as-before", "retromae_ds/engine/trainer.py",
+             "    return objective, [objective, out.encoder_loss * weight, decoder * weight, bow]\n",
+             "    return out.loss * weight, [out.loss, out.encoder_loss, decoder, bow]\n",
+             ["tests/test_length_grouping.py::test_a_grouped_step_optimizes_and_logs_the_token_weighted_objective"],
+             "grouped steps: the bag-of-words loss token-weighted, the log the unweighted mean of micro-batch means"),
 ]
 
 IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", "*.pyc")

@@ -190,6 +190,7 @@ def test_resume_after_kill9_is_bitwise_exact_zero2(runs, setup):
     _kill_then_resume(runs, setup, "z2_killed", "torchrun", "zero2", runs.get("z2", "torchrun", 2, []))
 
 
+@pytest.mark.full
 def test_resume_after_kill9_is_bitwise_exact_zero3(runs, setup):
     _kill_then_resume(runs, setup, "z3_killed", "deepspeed", "zero3",
                       runs.get("z3", "deepspeed", 2, [], ds="zero3"))
@@ -325,19 +326,23 @@ def test_max_seq_len_beyond_the_data_and_the_model_positions_is_a_clear_error(se
 def interrupted(runs, setup):
     """The single-process baseline's command, stopped twice and continued: (1) --time-budget 0.001
     stops it after step 1; (2) the same command without the budget resumes and gets SIGTERM during its
-    first step (step 2); (3) the same command again finishes the run."""
+    first step (step 2); (3) the same command again finishes the run; (4) once more, on the finished run:
+    it evaluates again (printed) and logs nothing twice."""
     baseline(runs)
     name = "interrupted"
     out = setup["root"] / name
     args = runs.args(name, ["--grad-accum", "2"])
-    logs = [setup["root"] / f"{name}.{i}.log" for i in (1, 2, 3)]
+    logs = [setup["root"] / f"{name}.{i}.log" for i in (1, 2, 3, 4)]
     probe = runs.probe_dir(name)
     budget = R.run("python", 1, args + ["--time-budget", "0.001"], logs[0])
     budget_marker = R.marker_of_last(out)
     term = R.run("python", 1, args, logs[1], script=R.PROBE, env=R.probe_env(probe, sigterm_after=1))
     term_marker = R.marker_of_last(out)
     rest = R.run("python", 1, args, logs[2])
-    return {"out": out, "budget": (budget, budget_marker), "term": (term, term_marker), "rest": rest}
+    records = (out / "metrics.jsonl").read_text()
+    again = R.run("python", 1, args, logs[3])
+    return {"out": out, "budget": (budget, budget_marker), "term": (term, term_marker), "rest": rest,
+            "again": (again, records)}
 
 
 def test_time_budget_stops_with_a_checkpoint_and_exit_0(interrupted):
@@ -359,6 +364,18 @@ def test_sigterm_saves_and_exits_zero_then_the_same_command_continues_bit_for_bi
     single, _ = baseline(runs)
     # every step (1 before the budget stop, 2 before SIGTERM, 3-6 after) and the final weights
     assert_same_run(single, interrupted["out"], exact=True)
+
+
+def test_running_a_finished_run_again_evaluates_it_and_logs_nothing_twice(interrupted):
+    rest = interrupted["rest"]
+    again, records = interrupted["again"]
+    assert again.returncode == 0, again.stdout[-4000:]
+    final = [line for line in rest.stdout.splitlines() if line.startswith("[retromae-ds] eval at step 6: ")]
+    assert final and "heldout/mrr10" in final[0], rest.stdout[-3000:]  # one console line per evaluation
+    assert final[0] in again.stdout  # evaluated again, the same numbers
+    assert (interrupted["out"] / "metrics.jsonl").read_text() == records  # ... and not logged a second time
+    evals = [(r["step"]) for r in R.metrics(interrupted["out"], kind="eval")]
+    assert len(evals) == len(set(evals)), evals
 
 
 def test_nonfinite_steps_are_skipped_and_stop_the_run(setup):
@@ -414,6 +431,7 @@ def test_bf16_runs_in_bf16_with_falling_loss(runs):
     assert last < first, loss
 
 
+@pytest.mark.full
 def test_zero3_offload_equals_single_process(runs):
     single, _ = baseline(runs)
     # the first offload run JIT-builds DeepSpeed's CPU Adam (~80 s idle, minutes on a busy machine)

@@ -304,3 +304,43 @@ def test_progress_bar_tqdm_mode_shows_loss_and_rate():
     bar.close()
     text = buf.getvalue()
     assert "10/50" in text and "loss=1.2345" in text and "tok/s=999" in text
+
+
+def test_a_step_of_a_kind_is_logged_once_even_when_a_finished_run_is_run_again(tmp_path):
+    """Re-running a finished run's command resumes at its last step and evaluates it again: that
+    evaluation is already in metrics.jsonl and TensorBoard, and must not appear twice."""
+    first = metrics.MetricsLogger(tmp_path, None)
+    for step in (1, 2):
+        first.log(step, {"loss": float(step)})
+    assert first.log(2, {"heldout/mrr10": 0.5}, kind="eval")
+    first.close()
+    again = metrics.MetricsLogger(tmp_path, None, resume_step=2)
+    assert not again.log(2, {"heldout/mrr10": 0.5}, kind="eval")
+    again.close()
+    assert [(r["step"], r["kind"]) for r in metrics.read_metrics(tmp_path)] == [(1, "train"), (2, "train"),
+                                                                                (2, "eval")]
+    assert read_scalars(tmp_path / "tensorboard")["eval/heldout/mrr10"] == [(2, 0.5)]
+
+
+def test_a_fresh_start_in_a_used_folder_starts_the_records_over(tmp_path):
+    first = metrics.MetricsLogger(tmp_path, None)
+    first.log(0, {"heldout/mrr10": 0.1}, kind="eval")
+    first.log(1, {"loss": 1.0})
+    first.close()
+    fresh = metrics.MetricsLogger(tmp_path, None)  # --resume none: a new run in the same --output-dir
+    assert fresh.log(0, {"heldout/mrr10": 0.2}, kind="eval")
+    fresh.close()
+    assert [(r["step"], r["kind"], r["heldout/mrr10"]) for r in metrics.read_metrics(tmp_path)] == [(0, "eval", 0.2)]
+    assert read_scalars(tmp_path / "tensorboard")["eval/heldout/mrr10"] == [(0, pytest.approx(0.2))]
+
+
+def test_the_console_line_of_an_evaluation_shows_the_key_numbers_and_their_change():
+    from retromae_ds.engine.trainer import eval_line
+
+    first = {"heldout/mrr10": 0.344, "lee/pearson_cls": 0.604, "cls_gain": 0.01, "heldout/recall10": 0.5}
+    later = {"heldout/mrr10": 0.385, "lee/pearson_cls": 0.511, "cls_gain": 0.03, "heldout/recall10": 0.6}
+    line = eval_line(100, later, first)
+    assert line.startswith("[retromae-ds] eval at step 100: ")
+    assert "heldout/mrr10 0.3850 (+0.0410)" in line and "lee/pearson_cls 0.5110 (-0.0930)" in line
+    assert "cls_gain 0.0300 (+0.0200)" in line
+    assert "(+" not in eval_line(0, first, None)

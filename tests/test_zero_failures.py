@@ -4,7 +4,7 @@
   vocabulary projection, so the ranks must call it equally often although rank 0 gets the shortest
   samples of every step. Two runs: the CPU's data-dependent head rows (RetroMAE), and the static head
   rows that accelerators take (`sync_free`, DupMAE) with widths that still differ by rank. Evaluation
-  (cls_gain, under no_grad) is chunked too. The in-process checks of the same: tests/test_head_calls.py.
+  (cls_gain, under no_grad) is chunked too, and cut at --eval-max-length. The in-process checks of the same: tests/test_head_calls.py.
 - ZeRO-1 with --objective mlm: DeepSpeed saves frozen parameters only when gradients are partitioned
   (ZeRO >= 2), so the frozen decoder is missing from the fp32 consolidation; export and a resume on a new
   world size must still find it (from the model states file).
@@ -25,7 +25,7 @@ CHUNK = 16
 STEPS = 4
 GROUPED_ZERO3 = ["--deepspeed", "ds_configs/zero3.json", "--ce-chunk-size", str(CHUNK), "--group-by-length",
                  "--group-window", "8", "--micro-batch-size", "4", "--max-steps", str(STEPS), "--log-interval", "1",
-                 "--save-interval", "0", "--eval-interval", "2", "--eval-heldout-docs", "8", "--eval-max-length", "64",
+                 "--save-interval", "0", "--eval-interval", "2", "--eval-heldout-docs", "8", "--eval-max-length", "40",
                  "--lr", "1e-3", "--warmup", "1", "--seed", "5", "--no-export", "--dist-timeout", "90"]
 
 
@@ -55,6 +55,8 @@ def check_equal_head_calls(records: list[dict]) -> None:
         rows = r["head_rows"]
         assert max(rows["train"]) <= CHUNK, (rank, max(rows["train"]))
         assert rows.get("eval") and max(rows["eval"]) <= CHUNK, (rank, rows.get("eval"))
+        # every evaluation (cls_gain's held-out blocks included) is cut at --eval-max-length, not at 64
+        assert r["eval_width"] == 40, (rank, r["eval_width"])
 
 
 def test_zero3_chunked_heads_on_grouped_ragged_batches(corpus):

@@ -339,6 +339,9 @@ class Trainer:
                 print(f"[retromae-ds] {why_not}", flush=True)  # the same reason every evaluation: said once
                 self.cls_gain_noted = True
         self.logger.log(step, results, kind="eval")
+        if self.dist.is_main:
+            self.bar.write(eval_line(step, results, self.last_eval))
+        self.last_eval = results
         return results
 
     def save(self, reason: str, prune: bool = True, keep: bool = False) -> Path:
@@ -543,12 +546,13 @@ class Trainer:
         self.n_micro = 0
         self.lr = self.lr_encoder = 0.0
         self.cls_gain_noted = False  # why eval/cls_gain does not apply is said once per run
+        self.last_eval = None  # the previous evaluation of this session: the console line shows changes since it
         self.step_tokens = 0
 
         # --- monitors -------------------------------------------------------------------------------
         self.total_steps = self.state.step + self.steps_left()
         self.logger = MetricsLogger(self.out_dir, cfg.tensorboard_dir or None, enabled=dist.is_main,
-                                    resume_step=self.state.step)
+                                    resume_step=self.state.step if self.resumed else None)
         self.meter = Throughput(model_config=model.lm.config, objective=cfg.objective, device=self.device,
                                 dtype=precision, world_size=dist.world_size, peak_tflops=cfg.peak_tflops or None)
         self.bar = ProgressBar(self.total_steps, initial_step=self.state.step, enabled=dist.is_main)
@@ -578,6 +582,23 @@ class Trainer:
               f"{self.global_batch}/step | {self.total_steps} steps = "
               f"{self.total_steps * self.global_batch / n_train:.2f} epochs of {n_train} blocks | "
               f"L={cfg.max_seq_len} | out {cfg.output_dir}", flush=True)
+
+
+EVAL_LINE_KEYS = ("heldout/mrr10", "cls_gain", "heldout/decoder_loss", "lee/pearson_cls", "lee/spearman_cls")
+
+
+def eval_line(step: int, results: dict, previous: dict | None) -> str:
+    """One console line per evaluation: the key numbers, each with its change since the evaluation before
+    (the same numbers are in metrics.jsonl and TensorBoard's eval/ tags)."""
+    shown = []
+    for key in EVAL_LINE_KEYS:
+        value = results.get(key)
+        if not isinstance(value, float):
+            continue
+        before = (previous or {}).get(key)
+        change = f" ({value - before:+.4f})" if isinstance(before, float) else ""
+        shown.append(f"{key} {value:.4f}{change}")
+    return f"[retromae-ds] eval at step {step}: " + (", ".join(shown) if shown else "nothing to evaluate")
 
 
 def micro_batch_objective(out, weight: float, bow_loss_weight: float):

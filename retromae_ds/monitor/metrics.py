@@ -9,7 +9,9 @@ same numbers as TensorBoard scalars. Tag scheme:
 metrics.jsonl records are {"step": s, "kind": "train" | "eval", **metrics}; non-finite numbers are
 written as null so that the file stays strict JSON (jq, pandas). On resume, records of the
 interrupted run with step > the resumed step are dropped (atomic rewrite) and TensorBoard events after
-that step are purged, so every step appears once.
+that step are purged, and a record of a (step, kind) already logged is not written again (re-running a
+finished run's command re-evaluates its last step): every step appears once. A fresh start in a
+folder that holds an earlier run's records starts them over.
 """
 
 from __future__ import annotations
@@ -87,13 +89,13 @@ def truncate_metrics(path, step: int) -> None:
 class MetricsLogger:
     """Rank-0 writer of metrics.jsonl and TensorBoard scalars (see the module docstring for tags).
 
-    `resume_step`: the step this run starts from. Records of an earlier run with a larger step are
-    dropped from metrics.jsonl and TensorBoard events from resume_step + 1 on are purged, so an
-    interrupted-and-resumed run reads like an uninterrupted one. With enabled=False (ranks != 0)
-    every method does nothing.
+    `resume_step`: the step a resumed run starts from (None: a fresh start). Records of an earlier run
+    with a larger step (a fresh start: all of them) are dropped from metrics.jsonl and TensorBoard events
+    from resume_step + 1 on are purged, so an interrupted-and-resumed run reads like an uninterrupted one.
+    With enabled=False (ranks != 0) every method does nothing.
     """
 
-    def __init__(self, output_dir, tensorboard_dir=None, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, output_dir, tensorboard_dir=None, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / METRICS_FILE
@@ -103,13 +105,15 @@ class MetricsLogger:
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(self.path, resume_step)
+        kept_until = -1 if resume_step is None else resume_step
+        truncate_metrics(self.path, kept_until)
+        self._logged = {(int(r.get("step", 0)), r.get("kind", "train")) for r in read_metrics(self.path)}
         self._file = open(self.path, "a", encoding="utf-8")
 
         from torch.utils.tensorboard import SummaryWriter
 
         had_events = self.tensorboard_dir.is_dir() and any(self.tensorboard_dir.glob("events.out.tfevents.*"))
-        purge = resume_step + 1 if (resume_step > 0 or had_events) else None
+        purge = kept_until + 1 if (kept_until > 0 or had_events) else None
         self._writer = SummaryWriter(log_dir=str(self.tensorboard_dir), purge_step=purge)
 
     def truncate_after(self, step: int) -> None:
@@ -119,6 +123,7 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
         truncate_metrics(self.path, step)
+        self._logged = {(s, kind) for s, kind in self._logged if s <= step}
         self._file = open(self.path, "a", encoding="utf-8")
 
     @staticmethod
@@ -129,12 +134,13 @@ class MetricsLogger:
             return f"perf/{key}" if key in PERF_KEYS else f"train/{key}"
         return f"{kind}/{key}"
 
-    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
+    def log(self, step: int, metrics: dict, kind: str = "train") -> bool:
         """Append {"step", "kind", **metrics} to metrics.jsonl (flushed) and write each number as a
         TensorBoard scalar. None values are left out; NaN/inf go to TensorBoard as they are and to
-        the JSON file as null."""
-        if not self.enabled:
-            return
+        the JSON file as null. Returns False (writes nothing) when this step of this kind is logged."""
+        if not self.enabled or (int(step), kind) in self._logged:
+            return False
+        self._logged.add((int(step), kind))
         values = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, (str, dict, list))}
         record = {"step": int(step), "kind": kind}
         record.update({k: _json_value(v) for k, v in values.items() if k not in ("step", "kind")})
@@ -147,6 +153,7 @@ class MetricsLogger:
                 continue
             self._writer.add_scalar(self.tag(key, kind), number, global_step=int(step))
         self._writer.flush()
+        return True
 
     def close(self) -> None:
         if self._file is not None:

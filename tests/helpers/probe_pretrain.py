@@ -55,7 +55,8 @@ after the optimizer files were written.
 RETROMAE_TEST_SYNC_FREE=1: the mask generator takes the accelerators' sync-free path on the CPU (the
 heads' static row capacity), while batches keep their own widths (unlike --static-shapes).
 With RETROMAE_TEST_PROBE, `head_rows` records the rows of every call of the MLM head, by mode
-("train"/"eval"), backward recomputations included.
+("train"/"eval"), backward recomputations included, and `eval_width` the widest input the encoder got
+in evaluation (eval mode).
 """
 
 from __future__ import annotations
@@ -155,6 +156,13 @@ def _install() -> None:
             RECORD["head_rows"].setdefault("train" if module.training else "eval", []).append(rows)
 
         head.register_forward_pre_hook(head_rows)
+
+        def eval_width(module, args, kwargs):  # the widest input the encoder evaluated
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if not module.training and ids is not None:
+                RECORD["eval_width"] = max(RECORD.get("eval_width", 0), int(ids.shape[1]))
+
+        model.lm.base_model.register_forward_pre_hook(eval_width, with_kwargs=True)
         result = original_initialize(*args, **kwargs)
         engine = result[0]
         module = engine.module
