@@ -123,6 +123,11 @@ def test_the_phase_is_counted_in_samples_across_a_resume_with_another_global_bat
     out, res = _train(corpus, "half_batch", ["--new-parts-warmup-steps", str(PHASE), "--deepspeed", "zero2",
                                              "--micro-batch-size", "2", "--save-interval", "0"])
     assert res.returncode == 0 and "resumed from" in res.stdout, res.stdout[-3000:]
+    # the resume says what the new batch does, and the start-up line shows the run as it is now
+    assert "global batch 4 -> 2 (ranks x micro-batch x accumulation: 1 x 4 x 1 -> 1 x 2 x 1)" in res.stdout
+    assert "8 steps of 2 samples remain, so the run now ends at step 10" in res.stdout
+    assert "Adam's moments) continues as saved" in res.stdout
+    assert "world 1 x micro 2 x accum 1 = 2/step | 10 steps" in res.stdout, res.stdout[-3000:]
     rows = R.metrics(out)
     assert [r["step"] for r in rows] == list(range(3, 11))  # 24 samples in all: 8 done, 8 steps of 2 left
     held = [r["step"] for r in rows if r["lr_encoder"] == 0.0]

@@ -534,6 +534,9 @@ class Trainer:
                                       dict(peak_lr=cfg.lr, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
                 if changed:
                     print(f"[retromae-ds] {changed}", flush=True)
+                batch_note = self._batch_change_note(point)
+                if batch_note:
+                    print(f"[retromae-ds] {batch_note}", flush=True)
         self.state.new_parts_warmup = self.new_parts.to_dict()  # what the next checkpoint records
         if dist.is_main and self.sched.position(self.sampler.total_consumed) < self.new_parts.steps:
             print(f"[retromae-ds] {self.new_parts.describe()}", flush=True)
@@ -560,7 +563,7 @@ class Trainer:
                                      enabled=dist.is_main, device=self.device)
         self.budget = config_mod.parse_time_budget(cfg.time_budget)
         self.started = time.monotonic()
-        if dist.is_main and self.state.step == 0:
+        if dist.is_main:  # on every start: a resume may run another batch, precision or length
             self._print_banner(ds_json, n_train)
 
     def _compile(self, ds_json: dict) -> None:
@@ -573,6 +576,25 @@ class Trainer:
         if self.dist.is_main:
             print(f"[retromae-ds] --compile: {compiled} layers compiled with torch.compile; the first step "
                   f"builds their kernels (minutes for big models), later steps reuse them.", flush=True)
+
+    def _batch_change_note(self, point) -> str | None:
+        """What a resume with another global batch (ranks x micro-batch x accumulation) does, or None: the
+        schedule and the end of the run stay in samples, so the number of steps left changes."""
+        before = point.client.get("config", {})
+        try:
+            parts = (int(point.client["world_size"]), int(before["micro_batch_size"]), int(before["grad_accum"]))
+        except (KeyError, TypeError, ValueError):  # a checkpoint without these: nothing to compare
+            return None
+        now = (self.dist.world_size, self.cfg.micro_batch_size, self.cfg.grad_accum)
+        if parts[0] * parts[1] * parts[2] == self.global_batch:
+            return None
+        left = self.steps_left()
+        return (f"global batch {parts[0] * parts[1] * parts[2]} -> {self.global_batch} (ranks x micro-batch x "
+                f"accumulation: {' x '.join(map(str, parts))} -> {' x '.join(map(str, now))}). The schedule and the "
+                f"end of the run are kept in samples (steps of the run's first global batch, {self.sched.batch}): "
+                f"{left} steps of {self.global_batch} samples remain, so the run now ends at step "
+                f"{self.state.step + left}." + ("" if point.reshard else " Same world size: the optimizer state "
+                                                "(Adam's moments) continues as saved."))
 
     def _print_banner(self, ds_json: dict, n_train: int) -> None:
         cfg, world = self.cfg, self.dist.world_size
