@@ -95,6 +95,38 @@ def test_schedule_is_defined_in_samples_of_the_first_global_batch():
     assert sched.position(1234 * 512) == 1234
 
 
+def test_one_object_gives_each_steps_rates_schedule_rewarm_and_new_parts_phase():
+    """LearningRates: the schedule's rate at the sample position, ramped back over min(100, warm-up) steps
+    after a resume on a new world size, and the encoder's rate held at the new-parts factor during the
+    phase (counted in samples too). The reference is written out here."""
+    from retromae_ds.engine.new_parts import NewPartsWarmup
+    from retromae_ds.engine.schedule import LearningRates
+
+    sched = plan_schedule(max_steps=1000, epochs=0, warmup=200, num_samples=10_000, batch=64)
+    rates = LearningRates(sched, peak_lr=1e-3, kind="cosine", min_ratio=0.1, rewarm_from=None,
+                          new_parts=NewPartsWarmup(steps=50, encoder_lr_ratio=0.25, parts=("c_head",)))
+
+    def schedule(position):  # linear warm-up over 200 steps, cosine to 10% at step 1000
+        if position < 200:
+            return 1e-3 * (position + 1) / 200
+        progress = (position - 200) / 800
+        return 1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    for step in (0, 49, 50, 199, 200, 600, 999):
+        lr, encoder = rates.at(step * 64, step)
+        assert lr == pytest.approx(schedule(step), rel=1e-12)
+        assert encoder == pytest.approx(lr * (0.25 if step < 50 else 1.0), rel=1e-12)
+    # resumed at step 300 on a new world size with a global batch of 128: re-warm over 100 steps
+    rewarmed = LearningRates(sched, peak_lr=1e-3, kind="cosine", min_ratio=0.1, rewarm_from=300)
+    for step, consumed in ((300, 300 * 64), (301, 300 * 64 + 128), (420, 300 * 64 + 120 * 128)):
+        lr, encoder = rewarmed.at(consumed, step)
+        want = schedule(consumed / 64) * min(1.0, (step - 300 + 1) / 100)
+        assert lr == pytest.approx(want, rel=1e-12) and encoder == lr
+    # the phase ends after 50 x 64 samples, whatever the batch now is
+    assert rates.at(49 * 64 + 32, 70)[1] < rates.at(49 * 64 + 32, 70)[0]
+    assert rates.at(50 * 64, 71)[1] == rates.at(50 * 64, 71)[0]
+
+
 def test_every_rank_resumes_from_rank_zeros_choice_or_stops_naming_who_cannot_see_it(tmp_path):
     """Two real gloo ranks, each with its own --output-dir (what a node-local or lagging folder looks like)."""
     script = tmp_path / "agree.py"

@@ -1,8 +1,12 @@
-"""Learning-rate schedule as a pure function of the step.
+"""The learning rate of every step: the schedule, the re-warm after a resume on a new world size, and the
+new-parts warm-up's encoder factor, decided in one place (`LearningRates`).
 
-Why a function and not a stateful scheduler object: the rate at step s depends only on (s, the run's
-target steps, the config), so a resumed run is on the same curve by construction, whatever step it was
-interrupted at, and nothing about the schedule has to be checkpointed.
+Why pure functions of the position and not a stateful scheduler object: the rate of a step depends only
+on (the samples consumed before it, the run's plan, the flags), so a resumed run is on the same curve by
+construction, whatever step it was interrupted at. What is checkpointed is the plan, not a state: the
+`RunSchedule` (the first global batch, the length, the warm-up, wsd's decay start), so that a resume with
+another global batch or another --max-steps knows the curve it is on; the re-warm start and the new-parts
+phase travel in the run's state (`RunState`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+
+from retromae_ds.engine.new_parts import NewPartsWarmup
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:
@@ -103,6 +109,34 @@ class RunSchedule:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LearningRates:
+    """The LR of each step, and the encoder's (the only two rates the optimizer's groups get).
+
+    - the schedule's rate at the position samples consumed / the schedule's batch (`lr_at`);
+    - after a resume on a new world size (`rewarm_from`: the step it resumed at), that rate ramped back up
+      over `RunSchedule.rewarm_steps()` steps, because Adam's moments restarted;
+    - the encoder's rate: the new-parts warm-up's factor (0 while the new parts train alone) times it."""
+
+    schedule: RunSchedule
+    peak_lr: float
+    kind: str = "linear"  # linear | cosine | constant | wsd
+    min_ratio: float = 0.0
+    rewarm_from: int | None = None
+    new_parts: NewPartsWarmup = NewPartsWarmup()
+
+    def at(self, consumed_samples: int, step: int) -> tuple[float, float]:
+        """(LR, the encoder's LR) for the optimizer step `step` (0-based), which starts after
+        `consumed_samples` samples."""
+        plan = self.schedule
+        position = plan.position(consumed_samples)
+        lr = lr_at(position, peak_lr=self.peak_lr, total_steps=plan.total_steps, warmup=plan.warmup,
+                   schedule=self.kind, min_ratio=self.min_ratio, decay_start=plan.decay_start)
+        if self.rewarm_from is not None and plan.rewarm_steps():
+            lr *= min(1.0, (step - self.rewarm_from + 1) / plan.rewarm_steps())
+        return lr, lr * self.new_parts.encoder_factor(position)
 
 
 def plan_schedule(*, max_steps: int, epochs: float, warmup: float, num_samples: int, batch: int,

@@ -199,16 +199,10 @@ class Trainer:
         import torch
 
         from retromae_ds.data.masking import mask_rng
-        from retromae_ds.engine.schedule import lr_at
 
-        cfg, state, engine, sched, sampler = self.cfg, self.state, self.engine, self.sched, self.sampler
-        lr = lr_at(sched.position(sampler.total_consumed), peak_lr=cfg.lr, total_steps=sched.total_steps,
-                   warmup=sched.warmup, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio,
-                   decay_start=sched.decay_start)
-        if state.rewarm_from is not None and sched.rewarm_steps():
-            lr *= min(1.0, (state.step - state.rewarm_from + 1) / sched.rewarm_steps())
-        # --new-parts-warmup-steps: the encoder's groups at a fraction (0) of the LR during the phase (new_parts.py)
-        encoder_lr = lr * self.new_parts.encoder_factor(sched.position(sampler.total_consumed))
+        cfg, state, engine, sampler = self.cfg, self.state, self.engine, self.sampler
+        # the new parts' groups (--new-parts-warmup-steps) take the LR, the encoder's its own (0 during the phase)
+        lr, encoder_lr = self.rates.at(sampler.total_consumed, state.step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr if group.get(new_parts.NEW_PART_KEY) else encoder_lr
         self.lr, self.lr_encoder = lr, encoder_lr
@@ -420,7 +414,7 @@ class Trainer:
         from retromae_ds.engine.build import (build_model, load_data, load_tokenizer, param_groups,
                                               resolve_max_seq_len, write_model_files)
         from retromae_ds.engine.distributed import init_distributed, native_bf16
-        from retromae_ds.engine.schedule import plan_schedule, resume_note
+        from retromae_ds.engine.schedule import LearningRates, plan_schedule, resume_note
         from retromae_ds.model.positions import token_positions
         from retromae_ds.monitor.metrics import MetricsLogger
         from retromae_ds.monitor.profiler import StepProfiler
@@ -538,6 +532,8 @@ class Trainer:
                 if batch_note:
                     print(f"[retromae-ds] {batch_note}", flush=True)
         self.state.new_parts_warmup = self.new_parts.to_dict()  # what the next checkpoint records
+        self.rates = LearningRates(self.sched, peak_lr=cfg.lr, kind=cfg.schedule, min_ratio=cfg.min_lr_ratio,
+                                   rewarm_from=self.state.rewarm_from, new_parts=self.new_parts)
         if dist.is_main and self.sched.position(self.sampler.total_consumed) < self.new_parts.steps:
             print(f"[retromae-ds] {self.new_parts.describe()}", flush=True)
         self.consecutive_bad = 0
