@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from experiments import ablation
-from retromae_ds.evaluate import embed_ids, heldout_queries, heldout_retrieval, rank_metrics, retrieval_ranks
+from retromae_ds.data.heldout import heldout_queries
+from retromae_ds.evaluate import embed_ids, heldout_retrieval, rank_metrics, retrieval_ranks
 from tests.helpers.corpora import lee_articles, write_jsonl
 
 # ------------------------------------------------------------------------------------------------

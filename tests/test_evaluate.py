@@ -12,9 +12,9 @@ import torch
 
 from retromae_ds import cli
 from retromae_ds.errors import UserError
-from retromae_ds.evaluate import (average_ranks, embed_ids, embed_texts, graded_ndcg_at_k, heldout_blocks,
-                                  heldout_queries, heldout_retrieval, lee_ids, lee_similarity, pearson,
-                                  rank_metrics, spearman, split_query_target)
+from retromae_ds.data.heldout import heldout_blocks, heldout_queries, split_query_target
+from retromae_ds.evaluate import (average_ranks, embed_ids, embed_texts, graded_ndcg_at_k, heldout_retrieval,
+                                  lee_ids, lee_similarity, pearson, rank_metrics, spearman)
 
 
 @pytest.fixture(scope="module")

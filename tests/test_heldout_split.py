@@ -16,7 +16,7 @@ from retromae_ds.config import TrainConfig
 from retromae_ds.data.indexed import IndexedDataset
 from retromae_ds.data.sampler import GlobalBatchSampler
 from retromae_ds.engine.build import load_data
-from retromae_ds.evaluate import heldout_blocks, heldout_queries
+from retromae_ds.data.heldout import heldout_blocks, heldout_queries
 from tests.helpers.corpora import lee_articles
 from tests.helpers.tiny_run import prepare_lee_corpus
 
@@ -69,7 +69,7 @@ _CHILD = """
 import hashlib, json, sys
 import numpy as np
 from retromae_ds.data.indexed import IndexedDataset
-from retromae_ds.evaluate import heldout_blocks, heldout_queries
+from retromae_ds.data.heldout import heldout_blocks, heldout_queries
 first, blocks = heldout_blocks(IndexedDataset(sys.argv[1]), int(sys.argv[2]))
 queries, targets = heldout_queries(blocks, seed=int(sys.argv[3]))
 h = hashlib.sha256()

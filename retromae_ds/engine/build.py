@@ -82,7 +82,7 @@ def load_data(cfg: TrainConfig, tokenizer) -> DataBundle:
     datasets = list(opened)
     heldout = []
     if cfg.eval_heldout_docs > 0:
-        from retromae_ds.evaluate import heldout_blocks
+        from retromae_ds.data.heldout import heldout_blocks
 
         check_heldout_docs(cfg.eval_heldout_docs, first.num_documents, first.prefix)
         train_blocks, heldout = heldout_blocks(first, cfg.eval_heldout_docs)
@@ -308,8 +308,10 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 def write_model_files(model, tokenizer, cfg: TrainConfig, folder: Path) -> None:
     """What export needs to rebuild the module skeleton: HF config, tokenizer, RetroMAE settings."""
     folder.mkdir(parents=True, exist_ok=True)
-    model.lm.config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    from retromae_ds.hf_compat import save_config, save_tokenizer
+
+    save_config(model.lm.config, folder)  # both loadable by transformers 4.x too
+    save_tokenizer(tokenizer, folder)
     (folder / "retromae_config.json").write_text(json.dumps(
         {"objective": cfg.objective, "bow_loss_weight": cfg.bow_loss_weight, "max_seq_len": cfg.max_seq_len},
         indent=1))
