@@ -125,6 +125,45 @@ class StopRequest:
         self.signal = self.signal or signum
 
 
+class LogWindow:
+    """What this rank adds up between two log steps, on the device except the token counts (host ints):
+    no step reads a device value back; `log_step` sums every rank's window in one collective."""
+
+    def __init__(self, device):
+        import torch
+
+        self.loss_sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, encoder, decoder, bag-of-words
+        self.accuracy_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.token_counts = [0, 0]  # [real tokens, computed token positions] (padding efficiency)
+        self.micro_batches = 0
+
+    def add(self, parts: list, accuracy, weight: float, real_tokens: int, computed_tokens: int) -> None:
+        """One micro-batch: its logged loss parts (see `micro_batch_objective`), weighted accuracy, tokens."""
+        import torch
+
+        with torch.no_grad():
+            self.loss_sums += torch.stack([p.detach().double() for p in parts])
+            if accuracy is not None:
+                self.accuracy_sum += accuracy.detach().double() * weight
+        self.token_counts[0] += real_tokens
+        self.token_counts[1] += computed_tokens
+        self.micro_batches += 1
+
+    def packed(self):
+        """[loss, encoder, decoder, bow, accuracy, real tokens, computed positions, micro-batches] (fp64)."""
+        import torch
+
+        sums = self.loss_sums
+        return torch.cat([sums, self.accuracy_sum[None], sums.new_tensor(self.token_counts),
+                          sums.new_tensor([self.micro_batches])])
+
+    def reset(self) -> None:
+        self.loss_sums.zero_()
+        self.accuracy_sum.zero_()
+        self.token_counts = [0, 0]
+        self.micro_batches = 0
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, local_rank_arg: int | None = None):
         self.cfg = cfg
@@ -225,17 +264,11 @@ class Trainer:
             torch.manual_seed(mix_seed(cfg.seed, state.step, micro_no, 1))  # dropout: same for any resume
             out = engine(**batch)
             nonfinite |= ~torch.isfinite(out.loss.detach())
-            self.positions[0] += micro.real_tokens
-            self.positions[1] += micro.computed_tokens
             weight = micro.real_tokens * len(micro_batches) * world / self.step_tokens if cfg.group_by_length else 1.0
             objective, parts = micro_batch_objective(out, weight, cfg.bow_loss_weight)
             engine.backward(objective)
             engine.step()
-            with torch.no_grad():
-                self.loss_sum += torch.stack([p.detach().double() for p in parts])
-                if out.encoder_accuracy is not None:
-                    self.acc_sum += out.encoder_accuracy.detach().double() * weight
-            self.n_micro += 1
+            self.window.add(parts, out.encoder_accuracy, weight, micro.real_tokens, micro.computed_tokens)
         state.step += 1
         state.tokens_seen += self.step_tokens
         skipped = not engine.was_step_applied()  # a host flag (DeepSpeed has synced for it already)
@@ -278,10 +311,7 @@ class Trainer:
     def log_step(self) -> dict:
         """Average the losses since the last log over all ranks, add rates and counters, write them."""
         cfg, state, engine = self.cfg, self.state, self.engine
-        import torch
-
-        sums = all_reduce_sum(torch.cat([self.loss_sum, self.acc_sum[None], self.loss_sum.new_tensor(self.positions),
-                                         self.loss_sum.new_tensor([self.n_micro])]), self.device)
+        sums = all_reduce_sum(self.window.packed(), self.device)
         count = max(1.0, sums[-1])
         metrics = {"loss": sums[0] / count, "encoder_loss": sums[1] / count, "decoder_loss": sums[2] / count,
                    "encoder_accuracy": sums[4] / count, "lr": self.lr, "grad_norm": _grad_norm(engine),
@@ -299,10 +329,7 @@ class Trainer:
                                                   getattr(engine.optimizer, "loss_scale", 0.0)))
         metrics.update(self.meter.summary())
         self.logger.log(state.step, metrics)
-        self.loss_sum.zero_()
-        self.acc_sum.zero_()
-        self.positions = [0, 0]
-        self.n_micro = 0
+        self.window.reset()
         return metrics
 
     def evaluate(self, step: int) -> dict:
@@ -399,27 +426,22 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Everything before the first step, in order: a check of the inputs (seconds, before DeepSpeed
-        starts), process group, data, tokenizer and model, the DeepSpeed config, what to resume from, the
-        engine, masks and loader, the run's state, monitors."""
+        """Everything before the first step, phase by phase (each one below, in this order)."""
         from retromae_ds.engine.preflight import check_inputs
 
         check_inputs(self.cfg)  # flags, paths, tokenizer/data match, --output-dir: before anything slow
-        import deepspeed
-        import torch
+        point = self._start()
+        self._build_data_and_model(point)
+        ds_json, n_train = self._build_engine(point)
+        self._build_loader()
+        self._restore_state(point)
+        self._start_monitors(ds_json, n_train)
 
-        from retromae_ds.data.loader import MicroBatchLoader
-        from retromae_ds.data.masking import MaskGenerator, continuation_table, word_break_table
-        from retromae_ds.data.sampler import GlobalBatchSampler, LengthGrouping
-        from retromae_ds.engine.build import (build_model, load_data, load_tokenizer, param_groups,
-                                              resolve_max_seq_len, write_model_files)
-        from retromae_ds.engine.distributed import init_distributed, native_bf16
-        from retromae_ds.engine.schedule import LearningRates, plan_schedule, resume_note
-        from retromae_ds.model.positions import token_positions
-        from retromae_ds.monitor.metrics import MetricsLogger
-        from retromae_ds.monitor.profiler import StepProfiler
-        from retromae_ds.monitor.progress import ProgressBar
-        from retromae_ds.monitor.throughput import Throughput
+    def _start(self):
+        """The process group, the demo's data, the output folder, and what to resume from: decided once,
+        here, by rank 0 (which verifies and sets damaged checkpoints aside); every rank follows, and every
+        later phase reads this one decision (a `ResumePoint`, or None for a fresh start)."""
+        from retromae_ds.engine.distributed import init_distributed
 
         cfg = self.cfg
         self.stop_request = StopRequest()
@@ -433,14 +455,18 @@ class Trainer:
         self.out_dir = Path(cfg.output_dir)
         if dist.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-
-        # --- what to resume from: decided once, here, by rank 0 (which verifies and sets damaged
-        # checkpoints aside); every rank follows, and everything below reads this one decision ----------
-        ckpts = self.checkpointer = Checkpointer(cfg, dist, self.out_dir)
-        point = ckpts.find_resume()
+        self.checkpointer = Checkpointer(cfg, dist, self.out_dir)
+        point = self.checkpointer.find_resume()
         self.resumed = point is not None
+        return point
 
-        # --- data, tokenizer, model -------------------------------------------------------------
+    def _build_data_and_model(self, point) -> None:
+        """Tokenizer, data (train blocks and held-out ones), the model (a preset's config from the
+        checkpoint resumed from), and the lengths that follow from them."""
+        from retromae_ds.engine.build import build_model, load_data, load_tokenizer, resolve_max_seq_len
+        from retromae_ds.model.positions import token_positions
+
+        cfg = self.cfg
         self.tokenizer = tokenizer = load_tokenizer(cfg)
         self.data = data = load_data(cfg, tokenizer)
         self.model = model = build_model(cfg, tokenizer, resume_from=point.path if point else None)
@@ -450,9 +476,20 @@ class Trainer:
         self.eval_max_length = min(cfg.eval_max_length, token_positions(model.lm) or cfg.eval_max_length)
         self.block_cap = cfg.max_seq_len - 2
         model.bound_head_calls(cfg.max_seq_len, cfg.encoder_mask_ratio)  # equal head calls on every rank (ZeRO-3)
-        n_train = getattr(data.train, "samples_per_epoch", len(data.train))  # a blend's epoch: its weighted shares
 
-        # --- DeepSpeed config ---------------------------------------------------------------------
+    def _build_engine(self, point) -> tuple[dict, int]:
+        """The DeepSpeed config, the schedule (the checkpoint's when resuming), the consolidated weights of
+        a resume on a new world size, the new-parts phase, and the engine. Returns (the resolved DeepSpeed
+        config, samples per epoch) for the start-up line."""
+        import deepspeed
+        import torch
+
+        from retromae_ds.engine.build import param_groups, write_model_files
+        from retromae_ds.engine.distributed import native_bf16
+        from retromae_ds.engine.schedule import plan_schedule
+
+        cfg, dist, model, ckpts = self.cfg, self.dist, self.model, self.checkpointer
+        n_train = getattr(self.data.train, "samples_per_epoch", len(self.data.train))  # a blend's: weighted shares
         capability = torch.cuda.get_device_capability(dist.device) if dist.device_type == "cuda" else None
         self.precision = precision = ds_config.resolve_precision(
             cfg, dist.device_type, native_bf16(dist.device_type, capability))
@@ -463,7 +500,6 @@ class Trainer:
         if cfg.compile:
             self._compile(ds_json)
 
-        # --- the schedule: the checkpoint's, when resuming ---------------------------------------------
         self.sched = plan_schedule(max_steps=cfg.max_steps, epochs=cfg.epochs, warmup=cfg.warmup,
                                    num_samples=n_train, batch=point.schedule_batch if point else self.global_batch,
                                    schedule=cfg.schedule, decay_fraction=cfg.decay_fraction,
@@ -475,7 +511,6 @@ class Trainer:
         consolidated = ckpts.load_consolidated(model, point, keep=precision != "fp32") if point and point.reshard \
             else None
 
-        # --- the engine ---------------------------------------------------------------------------
         # --new-parts-warmup-steps: the phase (the checkpoint's, on resume) and, with one, groups split by part
         self.new_parts, note = new_parts.plan(
             cfg.new_parts_warmup_steps, cfg.new_parts_encoder_lr_ratio, model,
@@ -489,11 +524,21 @@ class Trainer:
             groups = new_parts.param_groups_by_part(groups, model, self.new_parts.parts)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_json)
         self.engine, self.device = engine, engine.device
+        tokenizer = self.tokenizer
         ckpts.attach(engine, lambda folder: write_model_files(engine.module, tokenizer, cfg, folder),
                      _run_facts(engine, model, precision))
         if point and point.reshard and precision != "fp32":
             ckpts.restore_masters(consolidated)
-        del consolidated
+        return ds_json, n_train
+
+    def _build_loader(self) -> None:
+        """The mask generator (on the device), the sampler (length groups cut for the run's first global
+        batch, kept across resumes like the schedule) and the loader that fetches a step ahead."""
+        from retromae_ds.data.loader import MicroBatchLoader
+        from retromae_ds.data.masking import MaskGenerator, continuation_table, word_break_table
+        from retromae_ds.data.sampler import GlobalBatchSampler, LengthGrouping
+
+        cfg, tokenizer, dist = self.cfg, self.tokenizer, self.dist
         self.masker = MaskGenerator(
             continuation_table(tokenizer), cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id,
             pad_id=tokenizer.pad_token_id, mask_id=tokenizer.mask_token_id, vocab_size=len(tokenizer),
@@ -503,17 +548,23 @@ class Trainer:
         static = cfg.compile or cfg.static_shapes
         if static:
             self.masker.sync_free = True  # one shape every step (the heads' static capacity), on any device
-        # groups are cut for the run's first global batch, kept across resumes (as the schedule's)
         grouping = LengthGrouping(batch=self.sched.batch, window=cfg.group_window) if cfg.group_by_length else None
-        self.sampler = GlobalBatchSampler.for_dataset(data.train, seed=cfg.seed, grouping=grouping)
-        self.loader = MicroBatchLoader(data.train, self.masker, tokenizer.pad_token_id, self.block_cap,
+        self.sampler = GlobalBatchSampler.for_dataset(self.data.train, seed=cfg.seed, grouping=grouping)
+        self.loader = MicroBatchLoader(self.data.train, self.masker, tokenizer.pad_token_id, self.block_cap,
                                        cfg.micro_batch_size, dist.world_size, dist.rank, cfg.grad_accum,
                                        pin=self.device.type == "cuda", static_width=static,
                                        pad_multiple=1 if self.device.type == "cpu" else 8)
         self.ahead = None  # the next step's micro-batches, loading
 
-        # --- the run's state: fresh, or the checkpoint's --------------------------------------------
-        ckpts.begin(point, data.fingerprints)
+    def _restore_state(self, point) -> None:
+        """The run's state, fresh or the checkpoint's (DeepSpeed's own state too, and the data position),
+        what a resume changed, the learning rates, and the counters of the loop."""
+        import torch
+
+        from retromae_ds.engine.schedule import LearningRates, resume_note
+
+        cfg, dist = self.cfg, self.dist
+        self.checkpointer.begin(point, self.data.fingerprints)
         self.state = RunState()
         if point:
             self.state = RunState.from_client_state(point.client)
@@ -537,29 +588,34 @@ class Trainer:
         if dist.is_main and self.sched.position(self.sampler.total_consumed) < self.new_parts.steps:
             print(f"[retromae-ds] {self.new_parts.describe()}", flush=True)
         self.consecutive_bad = 0
-        self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.bad_new = torch.zeros((), dtype=torch.int64, device=self.device)
-        self.loss_sum = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, enc, dec, bow (local sums)
-        self.positions = [0, 0]  # this rank's [real, computed] token positions since the last log (host ints)
-        self.acc_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.n_micro = 0
+        self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)  # NaN/inf steps in a row (device)
+        self.bad_new = torch.zeros((), dtype=torch.int64, device=self.device)  # ... since the last check
+        self.window = LogWindow(self.device)
         self.lr = self.lr_encoder = 0.0
         self.cls_gain_noted = False  # why eval/cls_gain does not apply is said once per run
         self.last_eval = None  # the previous evaluation of this session: the console line shows changes since it
         self.step_tokens = 0
 
-        # --- monitors -------------------------------------------------------------------------------
+    def _start_monitors(self, ds_json: dict, n_train: int) -> None:
+        """metrics.jsonl and TensorBoard, throughput, the progress bar, the profiler, the time budget,
+        and the start-up line (on every start: a resume may run another batch, precision or length)."""
+        from retromae_ds.monitor.metrics import MetricsLogger
+        from retromae_ds.monitor.profiler import StepProfiler
+        from retromae_ds.monitor.progress import ProgressBar
+        from retromae_ds.monitor.throughput import Throughput
+
+        cfg, dist = self.cfg, self.dist
         self.total_steps = self.state.step + self.steps_left()
         self.logger = MetricsLogger(self.out_dir, cfg.tensorboard_dir or None, enabled=dist.is_main,
                                     resume_step=self.state.step if self.resumed else None)
-        self.meter = Throughput(model_config=model.lm.config, objective=cfg.objective, device=self.device,
-                                dtype=precision, world_size=dist.world_size, peak_tflops=cfg.peak_tflops or None)
+        self.meter = Throughput(model_config=self.model.lm.config, objective=cfg.objective, device=self.device,
+                                dtype=self.precision, world_size=dist.world_size, peak_tflops=cfg.peak_tflops or None)
         self.bar = ProgressBar(self.total_steps, initial_step=self.state.step, enabled=dist.is_main)
         self.profiler = StepProfiler(config_mod.parse_profile_steps(cfg.profile_steps), self.out_dir / "profile",
                                      enabled=dist.is_main, device=self.device)
         self.budget = config_mod.parse_time_budget(cfg.time_budget)
         self.started = time.monotonic()
-        if dist.is_main:  # on every start: a resume may run another batch, precision or length
+        if dist.is_main:
             self._print_banner(ds_json, n_train)
 
     def _compile(self, ds_json: dict) -> None:
