@@ -21,7 +21,8 @@ from tests.helpers import engine_runs as R
 from tests.helpers.tiny_run import tiny_run
 
 # The client state of a checkpoint saved before RunState (and before the fp16 loss-scale counter): these
-# keys, no more. The sampler and config entries are filled in from a real run below.
+# keys, no more. The sampler and config entries are filled in from a real run below ("config" from today's
+# "resolved_config": before the two were told apart, "config" held the resolved values).
 PRE_RUNSTATE_KEYS = ("step", "skipped_steps", "tokens_seen", "sampler", "config", "data", "world_size",
                      "schedule_batch", "rewarm_from")
 
@@ -40,6 +41,21 @@ def test_the_schedule_batch_of_old_and_new_checkpoints():
     assert new.schedule_batch == 32
     old = ResumePoint(Path("x"), {"world_size": 4, "config": {"micro_batch_size": 8, "grad_accum": 2}}, reshard=False)
     assert old.schedule_batch == 64  # before the key existed: the batch it was trained with
+
+
+def test_the_run_config_of_new_and_old_checkpoints():
+    """New checkpoints save the parsed flags ("config") and the resolved copy the run ran with
+    ("resolved_config"); readers take the resolved one, and from older checkpoints their "config", which
+    then held the resolved values."""
+    from retromae_ds.engine.checkpoint import run_config
+
+    new = {"config": {"micro_batch_size": 8, "grad_accum": 1, "max_seq_len": 0},
+           "resolved_config": {"micro_batch_size": 2, "grad_accum": 3, "max_seq_len": 64}}
+    assert run_config(new) == new["resolved_config"]
+    assert run_config({"config": {"micro_batch_size": 2}}) == {"micro_batch_size": 2}
+    assert run_config({}) == {}
+    # a checkpoint without schedule_batch: the batch the run ran with (2 x 3 x 2 ranks), not the flags' 8 x 1
+    assert ResumePoint(Path("x"), {"world_size": 2, **new}, reshard=False).schedule_batch == 12
 
 
 def test_rank_0_names_the_first_file_it_cannot_see(tmp_path):
@@ -62,7 +78,9 @@ def test_a_checkpoint_with_the_pre_runstate_client_state_resumes(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:]
     path = ck.complete_checkpoints(out)[-1]
     marker = json.loads((path / ck.MARKER).read_text())
-    marker["client_state"] = {k: marker["client_state"][k] for k in PRE_RUNSTATE_KEYS}
+    client = marker["client_state"]
+    client["config"] = client.pop("resolved_config")  # older checkpoints saved the resolved values as "config"
+    marker["client_state"] = {k: client[k] for k in PRE_RUNSTATE_KEYS}
     (path / ck.MARKER).write_text(json.dumps(marker))
     tokens_at_2 = marker["client_state"]["tokens_seen"]
 

@@ -98,6 +98,15 @@ def baseline(runs):
     return runs.get("single", "python", 1, ["--grad-accum", "2"])
 
 
+def test_checkpoints_keep_the_parsed_flags_and_the_resolved_run_apart(runs):
+    """The parsed config is never changed by setup: a checkpoint's "config" is what was asked (no
+    --max-seq-len: 0, the data's), its "resolved_config" what ran (64, the data's length)."""
+    single, _ = baseline(runs)
+    client = R.marker_of_last(single)["client_state"]
+    assert client["config"]["max_seq_len"] == 0 and client["resolved_config"]["max_seq_len"] == 64
+    assert client["config"]["grad_accum"] == client["resolved_config"]["grad_accum"] == 2
+
+
 def assert_same_run(ref: Path, other: Path, *, exact: bool = False, steps=None):
     """Losses and gradient norms per step, and the final weights, agree (bit for bit when exact)."""
     la, lb, ga, gb = R.losses(ref), R.losses(other), R.grad_norms(ref), R.grad_norms(other)

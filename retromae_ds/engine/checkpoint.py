@@ -46,6 +46,14 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def run_config(client_state: dict) -> dict:
+    """The configuration a checkpoint's run ran with: the parsed flags with what the run resolved filled in
+    (DeepSpeed's micro-batch and accumulation, the data's length, the demo's defaults). Checkpoints save
+    the parsed flags as "config" and this resolved copy as "resolved_config"; older ones saved only
+    "config", which then held the resolved values."""
+    return client_state.get("resolved_config") or client_state.get("config") or {}
+
+
 def read_marker(path: Path) -> dict | None:
     try:
         return json.loads((Path(path) / MARKER).read_text())

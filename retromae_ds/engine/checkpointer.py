@@ -39,7 +39,7 @@ class ResumePoint:
         """The global batch the run's schedule was defined with (older checkpoints: their own batch)."""
         if self.client.get("schedule_batch"):
             return int(self.client["schedule_batch"])
-        old = self.client.get("config", {})
+        old = ckpt.run_config(self.client)
         return int(old["micro_batch_size"]) * int(old["grad_accum"]) * int(self.client["world_size"])
 
     @property

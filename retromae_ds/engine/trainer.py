@@ -18,6 +18,7 @@ same trajectory as an uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import os
 import signal
@@ -166,7 +167,11 @@ class LogWindow:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, local_rank_arg: int | None = None):
-        self.cfg = cfg
+        # `requested`: the parsed flags, never changed (saved as the checkpoint's "config"); `cfg`: the
+        # working copy, which setup resolves (DeepSpeed's values, the data's length, the demo's defaults)
+        # and every phase reads (saved beside it as "resolved_config")
+        self.requested = cfg
+        self.cfg = copy.deepcopy(cfg)
         self.local_rank_arg = local_rank_arg
 
     # ----------------------------------------------------------------------------------------------
@@ -367,7 +372,8 @@ class Trainer:
 
     def save(self, reason: str, prune: bool = True, keep: bool = False) -> Path:
         client_state = {**self.state.to_client_state(), "sampler": self.sampler.state_dict(),
-                        "config": self.cfg.to_dict(), "data": self.data.fingerprints,
+                        "config": self.requested.to_dict(), "resolved_config": self.cfg.to_dict(),
+                        "data": self.data.fingerprints,
                         "world_size": self.dist.world_size, "schedule_batch": self.sched.batch,
                         "schedule": self.sched.to_dict()}
         return self.checkpointer.save(self.state.step, reason, client_state, prune=prune, keep=keep)
@@ -632,7 +638,9 @@ class Trainer:
     def _batch_change_note(self, point) -> str | None:
         """What a resume with another global batch (ranks x micro-batch x accumulation) does, or None: the
         schedule and the end of the run stay in samples, so the number of steps left changes."""
-        before = point.client.get("config", {})
+        from retromae_ds.engine.checkpoint import run_config
+
+        before = run_config(point.client)
         try:
             parts = (int(point.client["world_size"]), int(before["micro_batch_size"]), int(before["grad_accum"]))
         except (KeyError, TypeError, ValueError):  # a checkpoint without these: nothing to compare
