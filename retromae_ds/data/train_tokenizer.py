@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from retromae_ds.data.readers import DemoReader, FileReader, add_reading_arguments, discover_sources
 from retromae_ds.errors import UserError
+from retromae_ds.hf_compat import save_tokenizer
 
 ALGORITHMS = ("wordpiece", "bpe", "unigram")
 DEFAULT_VOCAB_SIZE = 32_000
@@ -398,7 +399,7 @@ def write_folder(result: Trained, output: str, overwrite: bool) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
-        result.tokenizer.save_pretrained(tmp)
+        save_tokenizer(result.tokenizer, tmp)  # loadable by transformers 4.x too (hf_compat.py)
         with open(os.path.join(tmp, TRAINING_FILE), "w", encoding="utf-8") as f:
             json.dump(training_record(result), f, indent=2, ensure_ascii=False)
             f.write("\n")
