@@ -19,6 +19,7 @@ import json
 import shutil
 from pathlib import Path
 
+from retromae_ds.engine.checkpoint import run_config
 from retromae_ds.errors import UserError
 
 
@@ -76,6 +77,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
     from safetensors import SafetensorError
 
     model, tokenizer, settings, path = load_checkpoint_model(checkpoint)
+    from retromae_ds.hf_compat import make_config_portable, save_tokenizer  # 4.x loads the folder too
+    from retromae_ds.model.retromae import ENCODER_DIR
     from retromae_ds.engine.checkpoint import read_marker
 
     marker = read_marker(path) or {}
@@ -86,15 +89,17 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, overwrite: bo
         identity_pooler = add_identity_pooler(model.encoder)
         try:
             model.encoder.save_pretrained(tmp)
+            make_config_portable(tmp)
         finally:
             if identity_pooler:
                 model.encoder.pooler = None  # the RetroMAE state below is the training module's, without it
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         write_sentence_transformers_files(tmp, hidden=model.lm.config.hidden_size,
                                           max_seq_len=int(settings.get("max_seq_len") or 512))
         model.save_pretrained(tmp / "retromae")
-        tokenizer.save_pretrained(tmp / "retromae")
-        run = marker.get("client_state", {}).get("config", {})
+        make_config_portable(tmp / "retromae" / ENCODER_DIR)
+        save_tokenizer(tokenizer, tmp / "retromae")
+        run = run_config(marker.get("client_state", {}))
         (tmp / "retromae" / "exported_from.json").write_text(json.dumps(
             {"checkpoint": str(path.resolve()), "evaluation": evaluation_record(run)}, indent=1))
         write_card(tmp, path, marker, settings, identity_pooler)
@@ -126,12 +131,12 @@ def write_failure_message(out: Path, tmp: Path, err: Exception) -> str:
             f"{tmp} was removed). {fix[0].upper()}{fix[1:]}, then run export again.")
 
 
-def evaluation_record(run_config: dict) -> dict:
+def evaluation_record(run: dict) -> dict:
     """The settings of the run's own evaluation, for `retromae-ds eval EXPORT` to repeat it (see
     retromae_ds/evaluate.py run_evaluation_settings); {} when the checkpoint does not say."""
     keys = {"max_length": "eval_max_length", "heldout_docs": "eval_heldout_docs", "seed": "seed"}
-    record = {name: run_config[key] for name, key in keys.items() if isinstance(run_config.get(key), int)}
-    data = run_config.get("data")
+    record = {name: run[key] for name, key in keys.items() if isinstance(run.get(key), int)}
+    data = run.get("data")
     if record and isinstance(data, list) and data:
         record["data"] = str(data[0])
     return record
@@ -168,7 +173,7 @@ def add_identity_pooler(encoder) -> bool:
 
 def write_card(folder: Path, checkpoint: Path, marker: dict, settings: dict, identity_pooler: bool) -> None:
     """README.md: what the folder holds and how to use it (a Hugging Face model card)."""
-    run = marker.get("client_state", {}).get("config", {})
+    run = run_config(marker.get("client_state", {}))
     source = run.get("model") or (f"random initialisation ({run.get('model_config')})" if run.get("model_config")
                                   else "?")
     lines = [
