@@ -275,7 +275,7 @@ def _saved_preset_config(cfg: TrainConfig, resume_from: Path | None) -> Path | N
     if resume_from is None:
         return None
     marker = ckpt.read_marker(Path(resume_from)) or {}
-    started_with = marker.get("client_state", {}).get("config", {}).get("model_config")
+    started_with = ckpt.run_config(marker.get("client_state", {})).get("model_config")
     folder = Path(resume_from) / "model_config"
     return folder if started_with == cfg.model_config and (folder / "config.json").is_file() else None
 
