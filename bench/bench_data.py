@@ -75,7 +75,7 @@ def main() -> int:
 
     import numpy as np
 
-    from retromae_ds.data.demo_corpus import demo_tokenizer_path
+    from retromae_ds.data.demo_corpus import minilm_path
     from retromae_ds.data.indexed import IndexedDataset
     from retromae_ds.data.prepare import default_num_proc
 
@@ -85,7 +85,7 @@ def main() -> int:
         documents = write_corpus(corpus, args.repeat)
         megabytes = round(os.path.getsize(corpus) / 1e6, 2)
         prefix = os.path.join(work, "bench")
-        tokenizer = demo_tokenizer_path()
+        tokenizer = minilm_path()
         time_prepare(corpus, tokenizer, prefix, 1)  # warm-up: imports, file cache
         one = time_prepare(corpus, tokenizer, prefix, 1)
         many = time_prepare(corpus, tokenizer, prefix, num_proc)

