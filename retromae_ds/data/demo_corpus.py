@@ -15,7 +15,6 @@ from typing import Iterator
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LEE_FILE = "lee_background.cor"
-DEMO_MAX_SEQ_LEN = 128
 
 _QUOTE_MARKUP = re.compile(r"'{2,}")
 _HEADING = re.compile(r"^\s*=+\s*(.*?)\s*=+\s*$", re.MULTILINE)
@@ -23,13 +22,19 @@ _BLANK_RUNS = re.compile(r"\n\s*\n\s*")
 
 
 def gensim_test_data_dir() -> str:
+    """gensim's bundled test_data folder, located without importing gensim: the import takes 1-4 s (scipy
+    and more), and every rank of every run that evaluates needs only this folder's Lee files."""
+    import importlib.util
+
     try:
-        import gensim
-    except ImportError:
+        spec = importlib.util.find_spec("gensim")
+    except (ImportError, ValueError):  # a broken entry in sys.modules
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
         from retromae_ds.errors import UserError
         raise UserError("the demo corpus comes from the gensim package, which is not installed. "
-                        "Install it with `pip install gensim` (or `pip install retromae-ds[demo]`).") from None
-    return os.path.join(os.path.dirname(gensim.__file__), "test", "test_data")
+                        "Install it with `pip install gensim` (or `pip install retromae-ds[demo]`).")
+    return os.path.join(list(spec.submodule_search_locations)[0], "test", "test_data")
 
 
 def demo_sources() -> list[str]:
