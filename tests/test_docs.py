@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -27,12 +28,23 @@ def test_flag_table_matches_the_config_help_texts():
 def test_readme_is_short_and_keeps_the_two_commands():
     text = README.read_text()
     lines = text.splitlines()
-    assert len(lines) <= 250, f"README.md has {len(lines)} lines; the reference belongs in docs/"
+    assert len(lines) <= 200, f"README.md has {len(lines)} lines; the reference belongs in docs/ and bench/results/"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     test_command = [line for line in ci if line.startswith("pip install ")]
     assert len(test_command) == 1, ".ci/run should hold one `pip install ... && python -m pytest ...` line"
     for command in (DEMO_COMMAND, test_command[0]):
         assert command in lines, f"README.md must contain this command exactly, on its own line:\n{command}"
+
+
+def test_readme_quotes_the_demos_own_figures():
+    """The demo's figures live in one file, which tests/test_demo.py (full tier) checks against a real run of
+    the demo; the README's results row quotes that file, so the two cannot drift apart again."""
+    figures = json.loads((ROOT / "bench" / "results" / "demo_figures.json").read_text())
+    rows = [line for line in README.read_text().splitlines() if line.startswith("| demo (command 1)")]
+    assert len(rows) == 1, "README.md needs one results row starting with `| demo (command 1)`"
+    for key, label in (("heldout/mrr10", "held-out MRR@10"), ("lee/pearson_cls", "Lee Pearson [CLS]")):
+        quoted = f"{label} {figures['start'][key]:.3f} → {figures['end'][key]:.3f}"
+        assert quoted in rows[0], f"README's demo row should say `{quoted}` (bench/results/demo_figures.json)"
 
 
 def _markdown_files():
