@@ -11,7 +11,11 @@ Data:
   document, punctuation and non-ASCII text.
 - ``tiny_dataset``: PREFIX of the first 60 Lee news articles prepared with MiniLM, max_seq_len 64.
 
-Only fixtures live here; the code behind them is in tests/helpers/.
+Test tiers (tests/README.md): tests marked ``full`` are skipped unless pytest runs with ``--full``.
+DeepSpeed's JIT-built ops (the CPU shm collective every launch loads, CPU Adam) are cached per virtual
+environment (tests/helpers/tiers.py), unless TORCH_EXTENSIONS_DIR is set.
+
+Only fixtures and these two switches live here; the code behind them is in tests/helpers/.
 """
 
 from __future__ import annotations
@@ -23,6 +27,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+
+from tests.helpers import tiers  # noqa: E402
+
+tiers.use_per_venv_extension_cache()  # before any test launches a DeepSpeed process
+
+
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="also run the full tier (tests marked `full`, skipped otherwise); "
+                          "`--full -m full` runs only it (tests/README.md)")
+
+
+def pytest_collection_modifyitems(config, items):
+    tiers.skip_full_tier_unless_asked(config, items)
 
 from tests.helpers.corpora import lee_articles  # noqa: E402
 from tests.helpers.masking_data import train_byte_level_bpe  # noqa: E402

@@ -284,6 +284,7 @@ def tiny_encoder_without_head(tmp_path_factory, minilm_tokenizer_dir):
     return folder
 
 
+@pytest.mark.full
 def test_model_mode_two_seeds_two_objectives(tiny_encoder_without_head, tiny_dataset, tmp_path, capsys, monkeypatch):
     import numpy as np
 

@@ -105,6 +105,7 @@ def test_an_export_failure_on_rank_0_ends_every_rank_with_the_error(lee):
 
 
 @pytest.mark.distributed
+@pytest.mark.full
 def test_a_consolidation_failure_on_rank_0_ends_every_rank_with_the_error(lee):
     out, res = launch(lee, "reshard_fails", 1, ["--max-steps", "1", "--save-interval", "0", "--no-export"])
     assert res.returncode == 0, res.stdout[-3000:]
@@ -117,6 +118,7 @@ def test_a_consolidation_failure_on_rank_0_ends_every_rank_with_the_error(lee):
 
 
 @pytest.mark.distributed
+@pytest.mark.full
 def test_a_full_disk_while_deepspeed_copies_its_recovery_script_is_a_save_failure_on_every_rank(lee):
     out, res = launch(lee, "recovery_copy", 2, ["--max-steps", "2", "--save-interval", "1", "--no-export"],
                       env={"RETROMAE_TEST_RECOVERY_COPY_FAILS": "1"})

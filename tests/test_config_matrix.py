@@ -42,6 +42,7 @@ import torch
 
 from retromae_ds.engine.checkpoint import read_marker
 from tests.helpers import engine_runs as R
+from tests.helpers import tiers
 from tests.helpers.tiny_run import tiny_run
 
 pytestmark = pytest.mark.distributed
@@ -62,7 +63,13 @@ TIMEOUT = {"zero3_offload": 1200}
 # cells launched at once (see the `cells` fixture); RETROMAE_TEST_MATRIX_WORKERS=1 runs them one by one
 WORKERS = int(os.environ.get("RETROMAE_TEST_MATRIX_WORKERS", "0")) or max(1, min(4, os.cpu_count() or 1))
 
-CELLS = [pytest.param(ds, precision, id=f"{ds}-{precision}") for ds in CONFIGS for precision in PRECISIONS]
+# The default tier runs one cell per ZeRO stage, each in a precision whose checkpoints take another path
+# (BF16_Optimizer under ZeRO-1, bf16 and fp16 masters under ZeRO-2/3; the fp32 pipelines are also
+# test_engine.py's ZeRO-2/3 runs); the other 9 cells are the full tier (--full, tests/README.md).
+DEFAULT_CELLS = {("zero1", "bf16"), ("zero2", "bf16"), ("zero3", "fp16")}
+CELLS = [pytest.param(ds, precision, id=f"{ds}-{precision}",
+                      marks=() if (ds, precision) in DEFAULT_CELLS else pytest.mark.full)
+         for ds in CONFIGS for precision in PRECISIONS]
 
 
 @pytest.fixture(scope="module")
@@ -186,11 +193,12 @@ def summarize(log: str, lines: int = 60) -> str:
 
 
 def selected_cells(session, module) -> list[tuple[str, str]]:
-    """The cells this session's selected tests of `module` use, in test order (-k can narrow them)."""
+    """The cells this session's selected tests of `module` use, in test order (-k can narrow them; the
+    full tier's cells only with --full)."""
     found: dict[tuple[str, str], None] = {}
     for item in session.items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if getattr(item, "module", None) is module and "ds" in params:
+        if getattr(item, "module", None) is module and "ds" in params and tiers.runs_in_this_session(item):
             found[(params["ds"], params["precision"])] = None
     return list(found)
 

@@ -206,6 +206,7 @@ def test_grouped_run_trains_the_grouped_order_with_little_padding(grouped_run):
 
 
 @pytest.mark.distributed
+@pytest.mark.full
 def test_grouped_run_resumes_bit_for_bit_after_kill9(grouped_run):
     out = grouped_run["root"] / "grouped_killed"
     args = grouped_run["base"] + ["--output-dir", str(out), "--resume", "auto"]

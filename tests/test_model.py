@@ -460,8 +460,8 @@ def build_tiny(family: str, tokenizer, max_len: int):
 
 @pytest.mark.parametrize("family, which, objective", [
     ("bert", "minilm_tokenizer", "retromae"),
-    ("roberta", "byte_level_tokenizer", "retromae"),
-    ("xlmr", "sentencepiece_tokenizer", "retromae"),
+    pytest.param("roberta", "byte_level_tokenizer", "retromae", marks=pytest.mark.full),
+    pytest.param("xlmr", "sentencepiece_tokenizer", "retromae", marks=pytest.mark.full),
     ("roberta", "byte_level_tokenizer", "dupmae"),
 ])
 def test_tiny_models_learn(request, family, which, objective):

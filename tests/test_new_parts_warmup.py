@@ -146,6 +146,7 @@ def test_a_resume_whose_flag_would_change_the_steps_already_done_is_refused(phas
     assert [p.name for p in ck.complete_checkpoints(out)] == [ck.tag_for(2)]  # nothing trained, nothing saved
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("ds", ["zero1", "zero3"])
 def test_the_encoder_stays_bit_identical_under_zero1_and_zero3(corpus, ds):
     out, res = _train(corpus, f"phase_{ds}", ["--new-parts-warmup-steps", "2", "--max-steps", "3", "--deepspeed", ds],
@@ -157,6 +158,7 @@ def test_the_encoder_stays_bit_identical_under_zero1_and_zero3(corpus, ds):
     assert _split(_weights(out, 3), init)[0] == []  # step 3: the encoder trains
 
 
+@pytest.mark.full
 def test_from_random_init_the_flag_does_nothing_and_says_so(tmp_path):
     run = tiny_run(tmp_path, n_docs=40, max_seq_len=32)
     out = tmp_path / "run"

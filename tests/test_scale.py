@@ -209,6 +209,7 @@ def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.full
 def test_bf16_nan_in_one_micro_batch_is_skipped_and_never_pruned_past(setup):
     """bf16, accumulation 2, a NaN in micro-batch 0 only (the trainer used to read the last one's loss).
     Steps 3-5 are bad; saves during the bad run must not prune the good step-2 checkpoint (keep-last 1)."""
@@ -231,6 +232,7 @@ def test_bf16_nan_in_one_micro_batch_is_skipped_and_never_pruned_past(setup):
     assert all(torch.equal(good[k], last[k]) for k in good)  # skipped steps changed nothing
 
 
+@pytest.mark.full
 def test_epochs_run_resumed_with_another_world_size_keeps_its_schedule_and_end(setup):
     """A 2-rank --epochs run (global batch 8), resumed from its step-2 checkpoint by 1 rank (global batch
     4): it must end after the same number of samples, on the same LR curve (re-warmed after the reset)."""

@@ -11,6 +11,7 @@ and the documented DeepSpeed hostfile.
 
 Needs root; installs slurm-wlm + munge with apt-get when missing. Where that is impossible the tests are
 skipped with the reason (and fail instead in CI, i.e. CI=true, or with RETROMAE_REQUIRE_SLURM=1).
+The Slurm tests are the full tier (`--full`, tests/README.md); the hostfile test is the default tier.
 """
 
 from __future__ import annotations
@@ -32,7 +33,11 @@ from tests.helpers import engine_runs as R
 from tests.helpers.slurm_cluster import FINISHED, LocalSlurm, SlurmUnavailable, ensure_slurm
 from tests.helpers.tiny_run import tiny_bert_config_dir
 
-slurm = pytest.mark.slurm
+
+def slurm(test):
+    """A test on the local Slurm cluster: marked `slurm`, and part of the full tier (tests/README.md)."""
+    return pytest.mark.full(pytest.mark.slurm(test))
+
 
 STEPS = 36  # 253 training blocks / 8 per step: the runs cross an epoch boundary at step 32
 JOB_TIMEOUT = 300  # seconds for a whole job (requeues included); then it is cancelled and the test fails

@@ -40,6 +40,7 @@ def train(corpus, name: str, extra: list[str], expect_rc: int = 0):
     return res, R.metrics(root / name) if expect_rc == 0 else None
 
 
+@pytest.mark.full
 def test_compiled_layers_train_like_eager(corpus):
     _, eager = train(corpus, "eager", ["--static-shapes", "--deepspeed", "zero2"])
     _, compiled = train(corpus, "compiled", ["--compile", "--deepspeed", "zero2"])
@@ -53,6 +54,7 @@ def test_compiled_layers_train_like_eager(corpus):
     assert "Traceback" not in log
 
 
+@pytest.mark.full
 def test_compile_with_zero3_is_a_clear_error(corpus):
     res, _ = train(corpus, "compiled_z3", ["--compile", "--deepspeed", "zero3"], expect_rc=2)
     assert "--compile with ZeRO-3" in res.stdout and "Traceback" not in res.stdout

@@ -192,6 +192,7 @@ def _assert_same_end(ref: Path, out: Path) -> None:
         assert rb[step] == ra[step], (step, ra, rb)
 
 
+@pytest.mark.full
 def test_damaged_newest_checkpoint_falls_back_and_ends_bitwise_equal(setup, reference):
     out = setup["root"] / "damaged"
     for step in (2, 4):  # as if the run had been killed after step 4, then step 4's files got damaged

@@ -66,7 +66,7 @@ def check_steps(records: list[dict]) -> None:
     assert deepspeed[0] <= 8, [r for r in by_step[1] if r["package"] == "deepspeed"]
 
 
-@pytest.mark.parametrize("objective", ["retromae", "dupmae"])
+@pytest.mark.parametrize("objective", ["retromae", pytest.param("dupmae", marks=pytest.mark.full)])
 def test_no_sync_outside_log_steps_cpu(corpus, objective):
     records = watched_run(corpus, f"cpu-{objective}", ["--precision", "bf16", "--objective", objective])
     check_steps(records)

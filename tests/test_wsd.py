@@ -166,6 +166,7 @@ def test_the_run_follows_the_curve_and_keeps_its_decay_start_checkpoint_past_kee
     assert not ck.read_marker(ck.checkpoint_root(out) / ck.tag_for(STEPS)).get("keep")
 
 
+@pytest.mark.full
 def test_a_resume_from_the_kept_checkpoint_with_the_same_length_continues_bit_for_bit(wsd_run):
     out = wsd_run["root"] / "resumed"
     shutil.copytree(ck.checkpoint_root(wsd_run["out"]) / ck.tag_for(7), ck.checkpoint_root(out) / ck.tag_for(7))

@@ -1,0 +1,49 @@
+"""The two test tiers and the per-venv cache of DeepSpeed's JIT-built ops (used by tests/conftest.py).
+
+Tiers (tests/README.md says what each holds): a test marked ``full`` is skipped, with FULL_REASON, unless
+pytest runs with ``--full``; ``--full -m full`` runs the full tier alone (what .ci/run does after the
+default tier).
+
+Extension cache: every DeepSpeed process on a CPU loads the ``deepspeed_shm_comm`` op and the offload runs
+load CPU Adam; torch JIT-builds them into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/pyXY_cpu).
+That default folder is shared by every environment of a user, and a build made by another virtual
+environment does not match (other include paths), so each switch between environments rebuilds (50-150 s on
+2 cores). In a virtual environment the tests use SYS.PREFIX/torch_extensions instead: one build per venv.
+A TORCH_EXTENSIONS_DIR set by the user is kept; outside a venv torch's default is kept.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+FULL_REASON = "full tier: run with --full (tests/README.md)"
+
+
+def use_per_venv_extension_cache() -> str | None:
+    """Point TORCH_EXTENSIONS_DIR at this venv's own folder (inherited by every launched process);
+    returns the folder in use, None for torch's default."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and sys.prefix != sys.base_prefix:
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    return os.environ.get("TORCH_EXTENSIONS_DIR")
+
+
+def full_tier_requested(config) -> bool:
+    return bool(config.getoption("--full", default=False))
+
+
+def skip_full_tier_unless_asked(config, items) -> None:
+    if full_tier_requested(config):
+        return
+    skip = pytest.mark.skip(reason=FULL_REASON)
+    for item in items:
+        if item.get_closest_marker("full") is not None:
+            item.add_marker(skip)
+
+
+def runs_in_this_session(item) -> bool:
+    """False for a collected test that this session skips as part of the full tier (for module fixtures
+    that start work for the tests they will serve, e.g. the configuration matrix's cells)."""
+    return item.get_closest_marker("full") is None or full_tier_requested(item.config)
