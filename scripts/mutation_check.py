@@ -127,7 +127,7 @@ MUTATIONS = [
              "--objective dupmae / mlm builds a plain retromae model"),
     Mutation("max-seq-len-unchecked", "retromae_ds/engine/build.py",
              "if max_len + offset > positions:", "if False:",
-             [E + "test_max_seq_len_beyond_the_model_positions_is_a_clear_error"],
+             ["tests/test_model.py::test_build_model_applies_extend_positions"],
              "--max-seq-len beyond the model's positions is not refused"),
     Mutation("resume-forgets-data-position", "retromae_ds/engine/trainer.py",
              "self.sampler.load_state_dict(point.client[\"sampler\"])", "pass",
