@@ -317,10 +317,3 @@ def parse_dist_timeout(text: str) -> float:
         raise UserError(f"--dist-timeout {str(text).strip()!r}: give how long a collective may wait, > 0, in "
                         f"seconds (3600) or as a duration like 60m, 2h, 1h30m.")
     return seconds
-
-
-def env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default

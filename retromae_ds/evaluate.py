@@ -39,7 +39,7 @@ from typing import Sequence
 import numpy as np
 
 from retromae_ds.config import DEFAULT_SEED, EVAL_HELDOUT_DOCS, EVAL_MAX_LENGTH
-from retromae_ds.data.heldout import heldout_blocks, heldout_queries, split_query_target  # noqa: F401 (TODO: callers)
+from retromae_ds.data.heldout import heldout_blocks, heldout_queries
 from retromae_ds.errors import UserError
 
 LEE_DOCS_FILE = "lee.cor"

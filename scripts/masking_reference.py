@@ -6,9 +6,10 @@ the two statistically and structurally, and `bench/bench_model.py` can time the 
 scripts/ on purpose: nothing in the package depends on it (so the wheel leaves it out), and a benchmark
 importing it imports no test module.
 
-Semantics (see shared/notes/retromae-semantics.md): a sample is [CLS] t1..tn [SEP]; a whole-word draw
-with ratio p covers at most max(1, round((n + 2) * p)) tokens, visiting the words in random order and
-taking a word only if it still fits. The encoder gets one draw, corrupted 80% [MASK] / 10% random
+Semantics (the published collator: `RetroMAECollator` in FlagEmbedding's
+`FlagEmbedding/baai_general_embedding/retromae_pretrain/data.py`): a sample is [CLS] t1..tn [SEP]; a
+whole-word draw with ratio p covers at most max(1, round((n + 2) * p)) tokens, visiting the words in
+random order and taking a word only if it still fits. The encoder gets one draw, corrupted 80% [MASK] / 10% random
 non-special id / 10% unchanged. The decoder gets a fresh draw per attention row plus the row's own
 position; [CLS] and [SEP] are never drawn and padding is never visible. With `pool=K` (the published
 collator's scheme, K = 128 there) a sample instead draws min(n + 2, K) masks and every row takes a

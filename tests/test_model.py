@@ -19,6 +19,7 @@ from transformers.models.bert.modeling_bert import BertLayer
 from retromae_ds.data.masking import MaskGenerator, collate_blocks, continuation_table, mask_rng
 from retromae_ds.errors import UserError
 from retromae_ds.model.decoder import EnhancedDecoderLayer
+from retromae_ds.model.positions import PADDED_POSITION_MODEL_TYPES, position_offset
 from retromae_ds.model.retromae import RetroMAEConfig, RetroMAEForPretraining
 from tests.helpers.corpora import lee_articles
 from tests.helpers.masking_data import VOCAB, synthetic_batch
@@ -404,6 +405,26 @@ def test_extend_positions_keeps_roberta_reserved_rows(byte_level_tokenizer):
         assert torch.equal(new[2 + start:2 + start + block], old[2:2 + block]), start
     ids = torch.randint(5, len(byte_level_tokenizer), (1, 150))
     assert lm(input_ids=ids).logits.shape == (1, 150, len(byte_level_tokenizer))
+
+
+@pytest.mark.parametrize("model_type", sorted(PADDED_POSITION_MODEL_TYPES) + ["bert"])
+def test_position_offset_from_a_config_equals_the_built_models(model_type):
+    """The rule read from a config (prepare, --max-seq-len checks: no model built) says what transformers
+    builds: padding_idx + 1 reserved rows for the RoBERTa family, none for BERT."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=40)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        embeddings = AutoModelForMaskedLM.from_config(config).base_model.embeddings
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    built = position_offset(embeddings)
+    assert built == (0 if model_type == "bert" else config.pad_token_id + 1)
+    assert position_offset(config) == position_offset(json.loads(config.to_json_string())) == built
 
 
 def test_build_model_applies_extend_positions(minilm_tokenizer, tmp_path):

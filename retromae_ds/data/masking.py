@@ -10,7 +10,8 @@ stores). `MaskGenerator` turns it into the six tensors `RetroMAEForPretraining.f
     decoder_attention_mask  [B, L, L]  bool, True = row i may attend to column j
     decoder_labels          [B, L]     original id at t1..tn, -100 on [CLS], [SEP] and padding
 
-with L = Lmax + 2. Semantics follow the published reference (see shared/notes/retromae-semantics.md):
+with L = Lmax + 2. Semantics follow the published reference (`RetroMAECollator` in FlagEmbedding's
+`FlagEmbedding/baai_general_embedding/retromae_pretrain/data.py`, on transformers' whole-word masking):
 a whole-word draw with ratio p covers at most `max(1, round((n + 2) * p))` tokens (n + 2 counts the
 [CLS]/[SEP] like the reference, which measures the encoded sequence); words are visited in random
 order and a word is taken only if it still fits. A word longer than `MAX_WORD_TOKENS` (a run of text

@@ -1,5 +1,5 @@
-"""The tokenizer prepare uses: loaded from a local folder with errors a user can act on, and checked
-against the positions of the model it belongs to."""
+"""The tokenizer prepare and training use: loaded from a local folder with errors a user can act on, and
+checked against the positions of the model it belongs to."""
 
 from __future__ import annotations
 
@@ -13,18 +13,20 @@ TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 REQUIRED_SPECIAL_TOKENS = ("cls_token", "sep_token", "pad_token", "mask_token")
 
 
-def load_tokenizer(path: str):
-    """Load a fast Hugging Face tokenizer from a local folder, with errors a user can act on."""
+def load_tokenizer(path: str, flag: str = "--tokenizer"):
+    """Load a fast Hugging Face tokenizer from a local folder, with errors a user can act on (`flag`: the
+    option that named `path`). The one loader: prepare calls it, and training through
+    `retromae_ds.engine.build.load_tokenizer`, which picks the folder."""
     fix = ("Pass the folder that `tokenizer.save_pretrained(...)` wrote (a model folder usually holds "
            "tokenizer.json / tokenizer_config.json / vocab.txt)")
     if os.path.isfile(path):
-        raise UserError(f"--tokenizer {path} is a file, not a tokenizer folder. {fix}; for a single "
+        raise UserError(f"{flag} {path} is a file, not a tokenizer folder. {fix}; for a single "
                         f"vocabulary or SentencePiece file, load it with its tokenizer class in Python and "
                         f"save_pretrained() it to a folder.")
     if os.path.isdir(path):
         present = set(os.listdir(path))
         if not present & TOKENIZER_FILES:
-            raise UserError(f"--tokenizer {path} is not a tokenizer folder: it has none of "
+            raise UserError(f"{flag} {path} is not a tokenizer folder: it has none of "
                             f"{', '.join(sorted(TOKENIZER_FILES))}. {fix}.")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers import AutoTokenizer
@@ -37,21 +39,21 @@ def load_tokenizer(path: str):
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ... here
         where = "folder" if os.path.isdir(path) else "path (not a folder, nor a model in the local Hugging Face cache)"
         first_line = " ".join(str(err).split())[:200] or type(err).__name__
-        raise UserError(f"--tokenizer {path}: this {where} did not load as a tokenizer ({first_line}). {fix}; "
+        raise UserError(f"{flag} {path}: this {where} did not load as a tokenizer ({first_line}). {fix}; "
                         f"if it only holds a SentencePiece model, load it with its class (e.g. "
                         f"XLMRobertaTokenizer.from_pretrained) and save_pretrained() it.") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if not getattr(tokenizer, "is_fast", False):
-        raise UserError(f"--tokenizer {path} loaded as {type(tokenizer).__name__}, a slow (pure Python) "
-                        f"tokenizer; prepare needs a fast one (tokenizer.json). Convert it with "
+        raise UserError(f"{flag} {path} loaded as {type(tokenizer).__name__}, a slow (pure Python) "
+                        f"tokenizer; prepare and training need a fast one (tokenizer.json). Convert it with "
                         f"`AutoTokenizer.from_pretrained(path, use_fast=True).save_pretrained(path)`.")
     if len(tokenizer) < 32:
-        raise UserError(f"--tokenizer {path} loaded with a vocabulary of only {len(tokenizer)} tokens, so the "
+        raise UserError(f"{flag} {path} loaded with a vocabulary of only {len(tokenizer)} tokens, so the "
                         f"vocabulary files are missing or unreadable. {fix}.")
     missing = [name for name in REQUIRED_SPECIAL_TOKENS if getattr(tokenizer, f"{name}_id") is None]
     if missing:
-        raise UserError(f"--tokenizer {path} ({type(tokenizer).__name__}) has no {', '.join(missing)}; "
+        raise UserError(f"{flag} {path} ({type(tokenizer).__name__}) has no {', '.join(missing)}; "
                         f"RetroMAE needs [CLS], [SEP], [PAD] and [MASK]-style tokens. Add them with "
                         f"`tokenizer.add_special_tokens({{...}})` and save_pretrained() the tokenizer "
                         f"(and resize the model's embeddings).")
@@ -73,9 +75,10 @@ def position_limit(tokenizer, path: str) -> tuple[int, str] | None:
             config = {}
         positions = config.get("max_position_embeddings")
         if isinstance(positions, int):
-            # RoBERTa-style models number positions from pad_token_id + 1.
-            offset = config.get("pad_token_id", 1) + 1 if "roberta" in str(config.get("model_type", "")) else 0
-            limits.append((positions - offset, "max_position_embeddings in its config.json"))
+            from retromae_ds.model.positions import position_offset
+
+            # RoBERTa-family models number positions from pad_token_id + 1
+            limits.append((positions - position_offset(config), "max_position_embeddings in its config.json"))
     return min(limits) if limits else None
 
 

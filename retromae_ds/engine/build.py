@@ -6,11 +6,11 @@ Kept apart from the loop so that trainer.py reads as the loop and nothing else.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from retromae_ds.config import DEMO_DATA_PREFIX, TrainConfig
+from retromae_ds.console import say
 from retromae_ds.errors import UserError
 
 # The demo is sized for "a few minutes on 2 CPU cores" (one rank, fp32, MiniLM-L6, 128 tokens).
@@ -53,7 +53,7 @@ def ensure_demo_data(cfg: TrainConfig, is_main: bool) -> None:
     if is_main and not Path(prefix + ".idx").exists():
         from retromae_ds.data.prepare import prepare_demo
 
-        print(f"[retromae-ds] preparing the demo corpus at {prefix} (once)", flush=True)
+        say(f"preparing the demo corpus at {prefix} (once)")
         prepare_demo(prefix, max_seq_len=cfg.max_seq_len or 128)
 
 
@@ -131,9 +131,9 @@ def resolve_max_seq_len(cfg: TrainConfig, meta: dict, model_config) -> int:
     max_len = cfg.max_seq_len or data_len
     positions = getattr(model_config, "max_position_embeddings", None)
     if positions is not None:
-        # RoBERTa-family models reserve padding_idx + 1 positions before the first token.
-        offset = (getattr(model_config, "pad_token_id", 0) or 0) + 1 if model_config.model_type in (
-            "roberta", "xlm-roberta", "camembert") else 0
+        from retromae_ds.model.positions import position_offset
+
+        offset = position_offset(model_config)  # RoBERTa-family models reserve padding_idx + 1 rows
         if max_len + offset > positions:
             grow = (f", or grow the position table with --extend-positions {max_len}"
                     if not getattr(model_config, "rope_parameters", None) else "")
@@ -144,19 +144,18 @@ def resolve_max_seq_len(cfg: TrainConfig, meta: dict, model_config) -> int:
 
 
 def load_tokenizer(cfg: TrainConfig):
-    from transformers import AutoTokenizer
+    """The run's tokenizer: the folder --tokenizer names, else --model's (a RetroMAE folder's encoder_model/),
+    loaded and checked by `retromae_ds.data.tokenizer.load_tokenizer`, as prepare loads it."""
+    from retromae_ds.data import tokenizer as tokenizers
 
     path = cfg.tokenizer or cfg.model
+    flag = "--tokenizer" if cfg.tokenizer else "--model"
     if not Path(path).exists():
-        flag = "--tokenizer" if cfg.tokenizer else "--model"
         raise UserError(f"{flag} {path}: no such folder. Give a local Hugging Face model/tokenizer folder "
                         f"(nothing is downloaded at run time).")
     if (Path(path) / "encoder_model").is_dir() and not (Path(path) / "tokenizer_config.json").exists():
         path = str(Path(path) / "encoder_model")
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as err:  # transformers raises many types here
-        raise UserError(f"--tokenizer/--model {path}: could not load a tokenizer from this folder ({err}).") from None
+    return tokenizers.load_tokenizer(path, flag)
 
 
 def build_model(cfg: TrainConfig, tokenizer, resume_from: Path | None = None):
@@ -202,12 +201,11 @@ def resolve_model_config(cfg: TrainConfig, tokenizer, resume_from: Path | None =
 
     from retromae_ds.model import presets
 
-    name, main = cfg.model_config, os.environ.get("RANK", "0") == "0"
+    name = cfg.model_config
     check_model_config_name(name)
     if Path(name).exists():
-        if presets.is_preset(name) and main:
-            print(f"[retromae-ds] --model-config {name}: using the file/folder of that name here, not the preset",
-                  flush=True)
+        if presets.is_preset(name):
+            say(f"--model-config {name}: using the file/folder of that name here, not the preset")
         try:
             return AutoConfig.from_pretrained(name)
         except Exception as err:
@@ -215,14 +213,12 @@ def resolve_model_config(cfg: TrainConfig, tokenizer, resume_from: Path | None =
     saved = _saved_preset_config(cfg, resume_from)
     if saved is not None:
         config, where = AutoConfig.from_pretrained(saved), f"the config saved in {saved.parent}"
-        if main:
-            print(f"[retromae-ds] --model-config {name}: resuming, so {where} is used "
-                  f"({config.max_position_embeddings} positions, vocab {config.vocab_size})", flush=True)
+        say(f"--model-config {name}: resuming, so {where} is used "
+            f"({config.max_position_embeddings} positions, vocab {config.vocab_size})")
     else:
         length, source = training_length(cfg)
         config = presets.preset_config(name, tokenizer, length)
-        if main:
-            print(f"[retromae-ds] {presets.describe(name, config, source)}", flush=True)
+        say(presets.describe(name, config, source))
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and limit > config.max_position_embeddings:
         tokenizer.model_max_length = config.max_position_embeddings
@@ -288,9 +284,9 @@ def apply_extend_positions(model, tokenizer, positions: int) -> None:
     from retromae_ds.model.positions import extend_position_table, token_positions
 
     before = token_positions(model.lm)
-    if extend_position_table(model.lm, positions) and os.environ.get("RANK", "0") == "0":
-        print(f"[retromae-ds] position table extended from {before} to {positions} positions "
-              f"(trained rows copied block by block)", flush=True)
+    if extend_position_table(model.lm, positions):
+        say(f"position table extended from {before} to {positions} positions "
+            f"(trained rows copied block by block)")
     if isinstance(getattr(tokenizer, "model_max_length", None), int) and tokenizer.model_max_length < positions:
         tokenizer.model_max_length = positions
 
@@ -319,7 +315,3 @@ def write_model_files(model, tokenizer, cfg: TrainConfig, folder: Path) -> None:
 
 def count_params(model) -> int:
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

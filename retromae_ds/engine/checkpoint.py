@@ -130,8 +130,8 @@ class ManifestingCheckpointEngine:
     """Wraps DeepSpeed's checkpoint engine: every file this rank saves is hashed while it is written and
     fsynced before the save returns, and a write error (disk full, quota, I/O error) is recorded instead
     of raised. Raising inside DeepSpeed's `save_checkpoint` would leave the other ranks waiting in its
-    closing barrier forever; recorded, every rank reaches that barrier and the trainer then agrees on
-    the failure collectively (see Trainer's `save`)."""
+    closing barrier forever; recorded, every rank reaches that barrier and the ranks then agree on
+    the failure collectively (see `Checkpointer.save` in checkpointer.py)."""
 
     def __init__(self, inner):
         self.inner = inner
@@ -357,13 +357,17 @@ def find_checkpoint(path: str | Path, verify_files: bool = True) -> Path:
     return p
 
 
+# The --resume values that start fresh (the flag's help says "none"; the others are accepted spellings).
+NO_RESUME = ("", "none", "no", "false")
+
+
 def resolve_resume(resume: str, output_dir: str | Path, warn=print) -> Path | None:
     """--resume auto|none|PATH -> the checkpoint folder to load, or None to start fresh.
 
     auto: the newest complete checkpoint that verifies; damaged ones are set aside (renamed
     `.damaged`) with a warning, and the next older one is tried. Run on ONE rank (rank 0): it renames
     folders. Only when checkpoints exist and none verifies is that an error."""
-    if resume in ("", "none", "no", "false"):
+    if resume in NO_RESUME:
         return None
     if resume != "auto":
         return find_checkpoint(resume)
@@ -380,7 +384,7 @@ def resolve_resume(resume: str, output_dir: str | Path, warn=print) -> Path | No
     if failed:
         raise UserError(f"{checkpoint_root(output_dir)}: no checkpoint verifies, so there is nothing safe to "
                         f"resume from. Found: " + " | ".join(failed) + ". The damaged folders were renamed "
-                        f"*.damaged (kept). Restore the files, or start over with --resume none (or a new --output-dir).")
+                        "*.damaged (kept). Restore the files, or start over with --resume none (or a new --output-dir).")
     return None
 
 

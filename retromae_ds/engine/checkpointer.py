@@ -15,6 +15,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from retromae_ds.console import say
 from retromae_ds.engine import checkpoint as ckpt
 from retromae_ds.engine.distributed import all_gather_object, all_reduce_max, barrier, broadcast_object, on_rank0
 from retromae_ds.errors import UserError
@@ -247,8 +248,8 @@ class Checkpointer:
         need = self._size_estimate(count_params(self.engine.module))
         free = shutil.disk_usage(self.out_dir).free
         if free < need:
-            print(f"[retromae-ds] warning: {self.out_dir} has {_gb(free)} free but the next checkpoint needs about "
-                  f"{_gb(need)}; it will probably fail. Free space or lower --keep-last now.", flush=True)
+            say(f"warning: {self.out_dir} has {_gb(free)} free but the next checkpoint needs about "
+                f"{_gb(need)}; it will probably fail. Free space or lower --keep-last now.")
 
     def _size_estimate(self, n_params: int) -> int:
         done = ckpt.complete_checkpoints(self.out_dir)

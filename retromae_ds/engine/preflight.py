@@ -118,9 +118,10 @@ def _read_meta(prefix: str) -> dict:
 
 
 def _check_resume(cfg: TrainConfig) -> None:
-    if cfg.resume in ("", "auto", "none", "no", "false"):
+    from retromae_ds.engine.checkpoint import NO_RESUME, find_checkpoint
+
+    if cfg.resume == "auto" or cfg.resume in NO_RESUME:
         return
-    from retromae_ds.engine.checkpoint import find_checkpoint
 
     try:
         find_checkpoint(cfg.resume, verify_files=False)  # checksums are verified after start-up (rank 0)

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from retromae_ds import config as config_mod
+from retromae_ds.console import say
 from retromae_ds.config import TrainConfig
 from retromae_ds.engine.build import count_params
 from retromae_ds.engine import ds_config
@@ -349,8 +350,7 @@ class Trainer:
             results.update(lee_similarity(module.encoder, tokenizer, max_length=self.eval_max_length,
                                           device=self.device))
         except UserError as err:  # gensim not installed: retrieval eval still runs
-            if self.dist.is_main:
-                print(f"[retromae-ds] Lee evaluation skipped: {err}", flush=True)
+            say(f"Lee evaluation skipped: {err}")
         if self.data.heldout:
             results.update(heldout_retrieval(module.encoder, self.data.heldout, tokenizer.cls_token_id,
                                              tokenizer.sep_token_id, tokenizer.pad_token_id, seed=cfg.seed,
@@ -361,8 +361,8 @@ class Trainer:
                                      batch_size=cfg.micro_batch_size,
                                      max_tokens=min(self.block_cap, self.eval_max_length - 2))
             results.update(gain)
-            if why_not and self.dist.is_main and not self.cls_gain_noted:
-                print(f"[retromae-ds] {why_not}", flush=True)  # the same reason every evaluation: said once
+            if why_not and not self.cls_gain_noted:
+                say(why_not)  # the same reason every evaluation: said once
                 self.cls_gain_noted = True
         self.logger.log(step, results, kind="eval")
         if self.dist.is_main:
@@ -406,9 +406,8 @@ class Trainer:
         exports (rank 0; an error there reaches every rank) and prints the start and end side by side."""
         cfg, state, dist = self.cfg, self.state, self.dist
         if reason in ("signal", "time-budget"):
-            if dist.is_main:
-                print(f"[retromae-ds] stopped on {reason} at step {state.step}/{self.total_steps}; checkpoint "
-                      f"{path}. Run the same command again (with --resume auto) to continue.", flush=True)
+            say(f"stopped on {reason} at step {state.step}/{self.total_steps}; checkpoint "
+                f"{path}. Run the same command again (with --resume auto) to continue.")
             self.logger.close()
             return 0
         final = self.evaluate(state.step)
@@ -418,15 +417,14 @@ class Trainer:
 
             def export_on_rank0() -> None:
                 target = export.export_checkpoint(path, self.out_dir / "export", overwrite=True)
-                print(f"[retromae-ds] exported the encoder to {target}", flush=True)
+                say(f"exported the encoder to {target}")
 
             on_rank0(export_on_rank0, dist.is_main, lambda why: (  # also the barrier after the export
                 f"exporting {path} to {self.out_dir / 'export'} failed on rank 0: {why}. Training finished and the "
                 f"checkpoint is complete: run `retromae-ds export {path} OUT_DIR` once the cause is fixed."))
-        if dist.is_main:
-            searched = f", {state.loss_scale_skips} loss-scale skips (fp16)" if self.precision == "fp16" else ""
-            print(f"[retromae-ds] done: {state.step} steps, {state.skipped_steps} skipped as NaN/inf{searched}. "
-                  f"{_compare_evals(state.first_eval, final)}", flush=True)
+        searched = f", {state.loss_scale_skips} loss-scale skips (fp16)" if self.precision == "fp16" else ""
+        say(f"done: {state.step} steps, {state.skipped_steps} skipped as NaN/inf{searched}. "
+            f"{_compare_evals(state.first_eval, final)}")
         self.logger.close()
         return 0
 
@@ -523,8 +521,8 @@ class Trainer:
             point.client.get("new_parts_warmup") if point else None,
             self.sched.position(int(point.client["sampler"]["total_consumed"])) if point else None,
             where=str(point.path) if point else "")
-        if note and dist.is_main:
-            print(f"[retromae-ds] {note}", flush=True)
+        if note:
+            say(note)
         groups = param_groups(model, cfg.weight_decay)
         if self.new_parts.splits_groups():
             groups = new_parts.param_groups_by_part(groups, model, self.new_parts.parts)
@@ -569,7 +567,7 @@ class Trainer:
 
         from retromae_ds.engine.schedule import LearningRates, resume_note
 
-        cfg, dist = self.cfg, self.dist
+        cfg = self.cfg
         self.checkpointer.begin(point, self.data.fingerprints)
         self.state = RunState()
         if point:
@@ -577,22 +575,21 @@ class Trainer:
             if point.reshard:
                 self.state.rewarm_from = self.state.step
             self.sampler.load_state_dict(point.client["sampler"])
-            if dist.is_main:
-                note = (f" (new world size: weights restored, optimizer moments reset, LR re-warmed over "
-                        f"{self.sched.rewarm_steps()} steps)") if point.reshard else ""
-                print(f"[retromae-ds] resumed from {point.path} at step {self.state.step}{note}", flush=True)
-                changed = resume_note(point.schedule, self.sched, self.sched.position(self.sampler.total_consumed),
-                                      dict(peak_lr=cfg.lr, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
-                if changed:
-                    print(f"[retromae-ds] {changed}", flush=True)
-                batch_note = self._batch_change_note(point)
-                if batch_note:
-                    print(f"[retromae-ds] {batch_note}", flush=True)
+            note = (f" (new world size: weights restored, optimizer moments reset, LR re-warmed over "
+                    f"{self.sched.rewarm_steps()} steps)") if point.reshard else ""
+            say(f"resumed from {point.path} at step {self.state.step}{note}")
+            changed = resume_note(point.schedule, self.sched, self.sched.position(self.sampler.total_consumed),
+                                  dict(peak_lr=cfg.lr, schedule=cfg.schedule, min_ratio=cfg.min_lr_ratio))
+            if changed:
+                say(changed)
+            batch_note = self._batch_change_note(point)
+            if batch_note:
+                say(batch_note)
         self.state.new_parts_warmup = self.new_parts.to_dict()  # what the next checkpoint records
         self.rates = LearningRates(self.sched, peak_lr=cfg.lr, kind=cfg.schedule, min_ratio=cfg.min_lr_ratio,
                                    rewarm_from=self.state.rewarm_from, new_parts=self.new_parts)
-        if dist.is_main and self.sched.position(self.sampler.total_consumed) < self.new_parts.steps:
-            print(f"[retromae-ds] {self.new_parts.describe()}", flush=True)
+        if self.sched.position(self.sampler.total_consumed) < self.new_parts.steps:
+            say(self.new_parts.describe())
         self.consecutive_bad = 0
         self.bad_run = torch.zeros((), dtype=torch.int64, device=self.device)  # NaN/inf steps in a row (device)
         self.bad_new = torch.zeros((), dtype=torch.int64, device=self.device)  # ... since the last check
@@ -621,8 +618,7 @@ class Trainer:
                                      enabled=dist.is_main, device=self.device)
         self.budget = config_mod.parse_time_budget(cfg.time_budget)
         self.started = time.monotonic()
-        if dist.is_main:
-            self._print_banner(ds_json, n_train)
+        self._print_banner(ds_json, n_train)
 
     def _compile(self, ds_json: dict) -> None:
         cfg = self.cfg
@@ -631,9 +627,8 @@ class Trainer:
                             f"hooks around its call, which compiled layers do not run through. Use ZeRO-1 or "
                             f"ZeRO-2 (--deepspeed zero1 / zero2) with --compile, or drop --compile.")
         compiled = self.model.compile_layers()
-        if self.dist.is_main:
-            print(f"[retromae-ds] --compile: {compiled} layers compiled with torch.compile; the first step "
-                  f"builds their kernels (minutes for big models), later steps reuse them.", flush=True)
+        say(f"--compile: {compiled} layers compiled with torch.compile; the first step "
+            f"builds their kernels (minutes for big models), later steps reuse them.")
 
     def _batch_change_note(self, point) -> str | None:
         """What a resume with another global batch (ranks x micro-batch x accumulation) does, or None: the
@@ -659,11 +654,11 @@ class Trainer:
     def _print_banner(self, ds_json: dict, n_train: int) -> None:
         cfg, world = self.cfg, self.dist.world_size
         stage = ds_json.get("zero_optimization", {}).get("stage", 0)
-        print(f"[retromae-ds] {cfg.objective} | {count_params(self.model) / 1e6:.1f}M params | ZeRO-{stage} "
-              f"{self.precision} | world {world} x micro {cfg.micro_batch_size} x accum {cfg.grad_accum} = "
-              f"{self.global_batch}/step | {self.total_steps} steps = "
-              f"{self.total_steps * self.global_batch / n_train:.2f} epochs of {n_train} blocks | "
-              f"L={cfg.max_seq_len} | out {cfg.output_dir}", flush=True)
+        say(f"{cfg.objective} | {count_params(self.model) / 1e6:.1f}M params | ZeRO-{stage} "
+            f"{self.precision} | world {world} x micro {cfg.micro_batch_size} x accum {cfg.grad_accum} = "
+            f"{self.global_batch}/step | {self.total_steps} steps = "
+            f"{self.total_steps * self.global_batch / n_train:.2f} epochs of {n_train} blocks | "
+            f"L={cfg.max_seq_len} | out {cfg.output_dir}")
 
 
 EVAL_LINE_KEYS = ("heldout/mrr10", "cls_gain", "heldout/decoder_loss", "lee/pearson_cls", "lee/spearman_cls")

@@ -138,12 +138,30 @@ class RotaryEmbedding(nn.Module):
 # growing an absolute position table (--extend-positions)
 
 
-def position_offset(embeddings: nn.Module) -> int:
-    """Rows reserved before the first token's position: padding_idx + 1 for RoBERTa/XLM-R (their
-    positions count from pad_token_id + 1), 0 for BERT."""
-    table = absolute_position_table(embeddings)
-    padding_idx = getattr(table, "padding_idx", None) if table is not None else None
-    return 0 if padding_idx is None else int(padding_idx) + 1
+# Hugging Face model types whose position table reserves padding_idx + 1 rows (padding_idx = pad_token_id):
+# the RoBERTa family numbers a token's position from pad_token_id + 1. tests/test_model.py checks this list
+# against the models transformers builds.
+PADDED_POSITION_MODEL_TYPES = frozenset({
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "roberta-prelayernorm", "camembert", "data2vec-text",
+    "longformer", "luke", "mpnet"})
+
+
+def position_offset(source) -> int:
+    """Rows reserved before the first token's position: padding_idx + 1 for the RoBERTa family (RoBERTa,
+    XLM-R, CamemBERT, ...: positions count from pad_token_id + 1), 0 for BERT. The one place that knows.
+
+    `source`: a built encoder's embedding module (its position table's padding_idx says), or, where no
+    model is built, its config or config.json dict (the model type and pad_token_id say; a config without
+    pad_token_id gets RobertaConfig's default, 1)."""
+    if isinstance(source, nn.Module):
+        table = absolute_position_table(source)
+        padding_idx = getattr(table, "padding_idx", None) if table is not None else None
+        return 0 if padding_idx is None else int(padding_idx) + 1
+    get = source.get if isinstance(source, dict) else (lambda key: getattr(source, key, None))
+    if get("model_type") not in PADDED_POSITION_MODEL_TYPES:
+        return 0
+    pad = get("pad_token_id")
+    return (1 if pad is None else int(pad)) + 1
 
 
 def token_positions(lm: nn.Module) -> int | None:

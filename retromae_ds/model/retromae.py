@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.utils import ModelOutput
 
+from retromae_ds.console import is_rank0, say
 from retromae_ds.errors import UserError
 from retromae_ds.model import heads
 from retromae_ds.model.decoder import EnhancedDecoderLayer
@@ -449,16 +450,16 @@ def quiet_transformers():
 def report_missing_weights(lm: nn.Module, missing: list[str], folder: Path) -> None:
     """One line instead of transformers' tables: a missing MLM head is normal for encoders published
     without one (sentence-transformers models); missing encoder weights are not, so they are named."""
-    if not missing or os.environ.get("RANK", "0") != "0":
+    if not missing or not is_rank0():
         return
     head = tuple(f"{name}." for name in heads.find_mlm_head(lm)) if missing else ()
     in_head = [k for k in missing if k.startswith(head)]
     elsewhere = [k for k in missing if not k.startswith(head)]
     if in_head:
-        print("[retromae-ds] no MLM head in this checkpoint: a new one is initialised", flush=True)
+        say("no MLM head in this checkpoint: a new one is initialised")
     if elsewhere:
-        print(f"[retromae-ds] warning: {folder} lacks {len(elsewhere)} encoder weights, initialised at random: "
-              f"{', '.join(elsewhere[:5])}{' ...' if len(elsewhere) > 5 else ''}", flush=True)
+        say(f"warning: {folder} lacks {len(elsewhere)} encoder weights, initialised at random: "
+            f"{', '.join(elsewhere[:5])}{' ...' if len(elsewhere) > 5 else ''}")
 
 
 def _deduplicated_state(state: dict) -> tuple[dict, dict]:
