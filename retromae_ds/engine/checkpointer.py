@@ -2,6 +2,18 @@
 once, and what a resume with another world size restores. Folder-level mechanics (markers, manifests,
 verification, retention) are in `checkpoint.py`; this is the part that talks to DeepSpeed and the ranks.
 
+What a checkpoint holds besides DeepSpeed's files and `model_config/` (the folder layout: checkpoint.py)
+is the client state, saved inside DeepSpeed's model-states file and in the COMPLETE marker. It is written
+by `client_state` and read through `ResumePoint`, nowhere else:
+
+    RunState fields   step, tokens_seen, skipped_steps, loss_scale_skips, rewarm_from, first_eval,
+                      new_parts_warmup (engine/state.py)
+    sampler           the data position (GlobalBatchSampler.state_dict)
+    config            the flags as parsed; resolved_config: as the run resolved them (checkpoint.run_config)
+    data              the fingerprints of the datasets (a resume on other data is refused)
+    world_size        the number of ranks that saved it (another one: a reshard)
+    schedule_batch, schedule   the run's plan (engine/schedule.py RunSchedule)
+
 Why every decision is collective: a rank that decides alone (which checkpoint to load, whether a write
 failed) can load other partitions than its peers, or leave them waiting in a collective until the
 process-group timeout. So rank 0 decides or gathers, and the outcome (including an error) is broadcast.
@@ -18,6 +30,7 @@ from pathlib import Path
 from retromae_ds.console import say
 from retromae_ds.engine import checkpoint as ckpt
 from retromae_ds.engine.distributed import all_gather_object, all_reduce_max, barrier, broadcast_object, on_rank0
+from retromae_ds.engine.state import RunState
 from retromae_ds.errors import UserError
 
 
@@ -29,11 +42,44 @@ class SaveFailed(Exception):
         self.path, self.errors = path, errors
 
 
+def client_state(state: RunState, sampler_state: dict, requested: dict, resolved: dict, fingerprints: list,
+                 world_size: int, schedule: dict, schedule_batch: int) -> dict:
+    """The client state a checkpoint saves (see the module docstring for what each key holds)."""
+    return {**state.to_client_state(), "sampler": sampler_state, "config": requested, "resolved_config": resolved,
+            "data": fingerprints, "world_size": world_size, "schedule_batch": schedule_batch, "schedule": schedule}
+
+
 @dataclass
 class ResumePoint:
     path: Path
-    client: dict  # the client state saved with it (RunState fields, sampler, config, data, world_size, ...)
+    client: dict  # the client state saved with it (`client_state`)
     reshard: bool  # saved by another world size: weights come from the consolidated fp32 state
+
+    @property
+    def state(self) -> RunState:
+        return RunState.from_client_state(self.client)
+
+    @property
+    def sampler_state(self) -> dict:
+        return self.client["sampler"]
+
+    @property
+    def consumed_samples(self) -> int:
+        """Samples trained on before this checkpoint (all ranks, all epochs)."""
+        return int(self.client["sampler"]["total_consumed"])
+
+    @property
+    def run_config(self) -> dict:
+        return ckpt.run_config(self.client)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.client["world_size"])
+
+    @property
+    def new_parts_warmup(self) -> dict | None:
+        """The new-parts phase as saved; None in checkpoints from before the option."""
+        return self.client.get("new_parts_warmup")
 
     @property
     def schedule_batch(self) -> int:

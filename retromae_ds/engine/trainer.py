@@ -31,7 +31,7 @@ from retromae_ds.console import say
 from retromae_ds.config import TrainConfig
 from retromae_ds.engine.build import count_params
 from retromae_ds.engine import ds_config
-from retromae_ds.engine.checkpointer import Checkpointer, SaveFailed
+from retromae_ds.engine.checkpointer import Checkpointer, SaveFailed, client_state
 from retromae_ds.engine.distributed import all_reduce_max, all_reduce_sum, barrier, on_rank0
 from retromae_ds.engine import new_parts
 from retromae_ds.engine.state import RunState
@@ -371,12 +371,9 @@ class Trainer:
         return results
 
     def save(self, reason: str, prune: bool = True, keep: bool = False) -> Path:
-        client_state = {**self.state.to_client_state(), "sampler": self.sampler.state_dict(),
-                        "config": self.requested.to_dict(), "resolved_config": self.cfg.to_dict(),
-                        "data": self.data.fingerprints,
-                        "world_size": self.dist.world_size, "schedule_batch": self.sched.batch,
-                        "schedule": self.sched.to_dict()}
-        return self.checkpointer.save(self.state.step, reason, client_state, prune=prune, keep=keep)
+        saved = client_state(self.state, self.sampler.state_dict(), self.requested.to_dict(), self.cfg.to_dict(),
+                             self.data.fingerprints, self.dist.world_size, self.sched.to_dict(), self.sched.batch)
+        return self.checkpointer.save(self.state.step, reason, saved, prune=prune, keep=keep)
 
     def steps_left(self) -> int:
         return max(0, math.ceil((self.sched.end_samples - self.sampler.total_consumed) / self.global_batch))
@@ -518,8 +515,8 @@ class Trainer:
         # --new-parts-warmup-steps: the phase (the checkpoint's, on resume) and, with one, groups split by part
         self.new_parts, note = new_parts.plan(
             cfg.new_parts_warmup_steps, cfg.new_parts_encoder_lr_ratio, model,
-            point.client.get("new_parts_warmup") if point else None,
-            self.sched.position(int(point.client["sampler"]["total_consumed"])) if point else None,
+            point.new_parts_warmup if point else None,
+            self.sched.position(point.consumed_samples) if point else None,
             where=str(point.path) if point else "")
         if note:
             say(note)
@@ -571,10 +568,10 @@ class Trainer:
         self.checkpointer.begin(point, self.data.fingerprints)
         self.state = RunState()
         if point:
-            self.state = RunState.from_client_state(point.client)
+            self.state = point.state
             if point.reshard:
                 self.state.rewarm_from = self.state.step
-            self.sampler.load_state_dict(point.client["sampler"])
+            self.sampler.load_state_dict(point.sampler_state)
             note = (f" (new world size: weights restored, optimizer moments reset, LR re-warmed over "
                     f"{self.sched.rewarm_steps()} steps)") if point.reshard else ""
             say(f"resumed from {point.path} at step {self.state.step}{note}")
@@ -633,11 +630,9 @@ class Trainer:
     def _batch_change_note(self, point) -> str | None:
         """What a resume with another global batch (ranks x micro-batch x accumulation) does, or None: the
         schedule and the end of the run stay in samples, so the number of steps left changes."""
-        from retromae_ds.engine.checkpoint import run_config
-
-        before = run_config(point.client)
+        before = point.run_config
         try:
-            parts = (int(point.client["world_size"]), int(before["micro_batch_size"]), int(before["grad_accum"]))
+            parts = (point.world_size, int(before["micro_batch_size"]), int(before["grad_accum"]))
         except (KeyError, TypeError, ValueError):  # a checkpoint without these: nothing to compare
             return None
         now = (self.dist.world_size, self.cfg.micro_batch_size, self.cfg.grad_accum)
