@@ -13,9 +13,10 @@ Data:
 
 Test tiers (tests/README.md): tests marked ``full`` are skipped unless pytest runs with ``--full``.
 DeepSpeed's JIT-built ops (the CPU shm collective every launch loads, CPU Adam) are cached per virtual
-environment (tests/helpers/tiers.py), unless TORCH_EXTENSIONS_DIR is set.
+environment, unless TORCH_EXTENSIONS_DIR is set; a whole-suite run uses 2 pytest-xdist workers when
+pytest-xdist is installed (tests/helpers/tiers.py).
 
-Only fixtures and these two switches live here; the code behind them is in tests/helpers/.
+Only fixtures and these three switches live here; the code behind them is in tests/helpers/.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", default=False,
                      help="also run the full tier (tests marked `full`, skipped otherwise); "
                           "`--full -m full` runs only it (tests/README.md)")
+
+
+@pytest.hookimpl(tryfirst=True)  # registered after pytest-xdist's hook, so called before it
+def pytest_cmdline_main(config):
+    tiers.parallel_whole_suite(config)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,13 @@ That default folder is shared by every environment of a user, and a build made b
 environment does not match (other include paths), so each switch between environments rebuilds (50-150 s on
 2 cores). In a virtual environment the tests use SYS.PREFIX/torch_extensions instead: one build per venv.
 A TORCH_EXTENSIONS_DIR set by the user is kept; outside a venv torch's default is kept.
+
+Workers: a run of the whole suite (no test paths on the command line, e.g. the README's command) uses 2
+pytest-xdist workers, one test file per worker at a time (`--dist loadfile`: a module's shared training
+runs stay in one process), when pytest-xdist is installed (the `dev` extra) and the machine has 2 or more
+cores. On 2 cores this measured 12 min instead of 19 for the default tier: the launched training
+processes leave a core idle much of the time (bench/results/2026-12-05-test-suite-cpu.md). Runs given
+paths or test ids (one file, the mutation check) stay in one process; `-n N` chooses, `-n 0` runs serially.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import sys
 import pytest
 
 FULL_REASON = "full tier: run with --full (tests/README.md)"
+WHOLE_SUITE_WORKERS = 2
 
 
 def use_per_venv_extension_cache() -> str | None:
@@ -47,3 +55,17 @@ def runs_in_this_session(item) -> bool:
     """False for a collected test that this session skips as part of the full tier (for module fixtures
     that start work for the tests they will serve, e.g. the configuration matrix's cells)."""
     return item.get_closest_marker("full") is None or full_tier_requested(item.config)
+
+
+def parallel_whole_suite(config) -> None:
+    """Before pytest-xdist reads its options: 2 workers with --dist loadfile for a whole-suite run (above)."""
+    option = config.option
+    if (os.environ.get("PYTEST_XDIST_WORKER")  # a worker: its controller decided
+            or not config.pluginmanager.hasplugin("xdist")
+            or config.args_source != pytest.Config.ArgsSource.TESTPATHS
+            or getattr(option, "numprocesses", None) is not None or getattr(option, "dist", "no") != "no"
+            or getattr(option, "tx", None) or option.usepdb or option.collectonly
+            or (os.cpu_count() or 1) < WHOLE_SUITE_WORKERS):
+        return
+    option.numprocesses = WHOLE_SUITE_WORKERS
+    option.dist = "loadfile"
