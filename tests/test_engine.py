@@ -387,6 +387,7 @@ def test_running_a_finished_run_again_evaluates_it_and_logs_nothing_twice(interr
     assert len(evals) == len(set(evals)), evals
 
 
+@pytest.mark.full
 def test_nonfinite_steps_are_skipped_and_stop_the_run(setup):
     out = setup["root"] / "nan"
     args = setup["base"] + COMMON + ["--deepspeed", "ds_configs/zero2.json", "--output-dir", str(out),
@@ -426,6 +427,7 @@ def test_activation_checkpointing_recomputes_and_gives_the_same_run(runs):
     assert_same_run(single, ac)
 
 
+@pytest.mark.full
 def test_bf16_runs_in_bf16_with_falling_loss(runs):
     out, res = runs.get("bf16", "python", 1, ["--precision", "bf16", "--max-steps", "12", "--lr", "2e-3",
                                               "--clip", "1.0"])

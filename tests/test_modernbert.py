@@ -323,7 +323,7 @@ TINY_MODERNBERT = dict(
 )  # MiniLM's WordPiece ids; layer 1 is a sliding-window layer, so both attention kinds are trained
 
 
-@pytest.fixture(scope="module", params=[pytest.param("zero2", marks=pytest.mark.full), "zero3"])
+@pytest.fixture(scope="module", params=[pytest.param(stage, marks=pytest.mark.full) for stage in ("zero2", "zero3")])
 def trained(request, tmp_path_factory, tiny_dataset, minilm_tokenizer_dir):
     """One 2-rank torchrun run per ZeRO stage; ZeRO-3 stops at step 2 and resumes to step 4."""
     stage = request.param

@@ -180,6 +180,7 @@ def test_a_resume_from_the_kept_checkpoint_with_the_same_length_continues_bit_fo
     assert [p.name for p in ck.complete_checkpoints(out)] == [ck.tag_for(7), ck.tag_for(STEPS)]
 
 
+@pytest.mark.full
 def test_a_new_decay_branches_from_the_kept_checkpoint_with_a_longer_run(wsd_run):
     kept = ck.checkpoint_root(wsd_run["out"]) / ck.tag_for(7)
     out = wsd_run["root"] / "branch"
