@@ -69,6 +69,7 @@ def test_rank_0_names_the_first_file_it_cannot_see(tmp_path):
 
 
 @pytest.mark.distributed
+@pytest.mark.full
 def test_a_checkpoint_with_the_pre_runstate_client_state_resumes(tmp_path):
     lee = tiny_run(tmp_path, n_docs=30, max_seq_len=32)
     out = tmp_path / "run"

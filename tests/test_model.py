@@ -483,7 +483,7 @@ def build_tiny(family: str, tokenizer, max_len: int):
     ("bert", "minilm_tokenizer", "retromae"),
     pytest.param("roberta", "byte_level_tokenizer", "retromae", marks=pytest.mark.full),
     pytest.param("xlmr", "sentencepiece_tokenizer", "retromae", marks=pytest.mark.full),
-    ("roberta", "byte_level_tokenizer", "dupmae"),
+    pytest.param("roberta", "byte_level_tokenizer", "dupmae", marks=pytest.mark.full),
 ])
 def test_tiny_models_learn(request, family, which, objective):
     tokenizer = request.getfixturevalue(which)
