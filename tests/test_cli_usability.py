@@ -336,6 +336,7 @@ def test_the_first_ctrl_c_finishes_the_step_saves_and_exits_0(interrupted):
     assert f"resumed from" in rest.stdout and f"at step {marker['step']}" in rest.stdout
 
 
+@pytest.mark.full  # the default tier keeps the first Ctrl-C's save-and-resume run
 def test_a_second_ctrl_c_stops_at_once_without_saving(lee, tmp_path):
     """--log-interval 100000: the first Ctrl-C's stop would act only at step 100000, so the second one (1.5 s
     later) finds the run still training, and ends it at once: exit 130, no checkpoint."""
