@@ -65,7 +65,6 @@ def test_zero3_chunked_heads_on_grouped_ragged_batches(corpus):
 
 
 @pytest.mark.full  # the same guard as the run above, on the other row path (the default tier keeps one)
-@pytest.mark.full
 def test_zero3_chunked_heads_on_the_static_rows_accelerators_take(corpus):
     records = grouped_zero3(corpus, "static_rows", ["--objective", "dupmae"], env={"RETROMAE_TEST_SYNC_FREE": "1"})
     check_equal_head_calls(records)
