@@ -12,7 +12,7 @@ Data:
 - ``tiny_dataset``: PREFIX of the first 60 Lee news articles prepared with MiniLM, max_seq_len 64.
 
 Test tiers (tests/README.md): tests marked ``full`` are skipped unless pytest runs with ``--full``.
-DeepSpeed's JIT-built ops (the CPU shm collective every launch loads, CPU Adam) are cached per virtual
+DeepSpeed's JIT-built ops (CPU Adam for the offload runs) are cached per virtual
 environment, unless TORCH_EXTENSIONS_DIR is set; a whole-suite run uses 2 pytest-xdist workers when
 pytest-xdist is installed (tests/helpers/tiers.py).
 

@@ -46,8 +46,8 @@ def read_only_dir(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
-# Launch launch/pretrain.py with init_distributed (the start of DeepSpeed's process group, where the CPU shm
-# extension is compiled on first use) watched: WATCH/started exists when it was reached, and WATCH/modules
+# Launch launch/pretrain.py with init_distributed (the start of DeepSpeed's process group, the slow part of
+# a start) watched: WATCH/started exists when it was reached, and WATCH/modules
 # says whether deepspeed was imported by the time the process exited.
 WATCHED = """
 import atexit, runpy, sys

@@ -101,7 +101,9 @@ def test_timeout_reaches_deepspeed(fake_start):
 def test_timeout_reaches_the_groups_deepspeed_creates(tmp_path):
     """DeepSpeed builds its groups with a bare new_group(ranks), which takes torch's backend default
     (30 min for gloo, 10 min for NCCL): with --dist-timeout those groups must wait as long as the world
-    group. A real one-process gloo world in a fresh interpreter (it changes torch's module defaults)."""
+    group. A real one-process gloo world in a fresh interpreter (it changes torch's module defaults).
+    The same start compiles nothing: DeepSpeed's CPU shm op (inference only) is left out, so an empty
+    extension cache stays empty."""
     import subprocess
     import sys
 
@@ -114,13 +116,16 @@ def test_timeout_reaches_the_groups_deepspeed_creates(tmp_path):
         "cpu = torch.device('cpu')\n"
         "group = dist.new_group([0])\n"
         "print('timeouts', dist.distributed_c10d._get_default_group()._get_backend(cpu).options._timeout,"
-        " group._get_backend(cpu).options._timeout)\n")
+        " group._get_backend(cpu).options._timeout)\n"
+        "from deepspeed.comm import comm\n"
+        "print('shm op', comm.cdb.shm_comm_op)\n")
     env = run_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": str(free_port())})
+                   "MASTER_PORT": str(free_port()), "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")})
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     line = next(x for x in res.stdout.splitlines() if x.startswith("timeouts"))
     assert line.split()[1:] == ["0:01:17", "0:01:17"], line
+    assert "shm op None" in res.stdout and not (tmp_path / "extensions").exists(), res.stdout[-2000:]
 
 
 def parse(*argv):

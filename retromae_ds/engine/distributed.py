@@ -55,6 +55,21 @@ def normalise_env(local_rank_arg: int | None = None) -> None:
 NODE_LOCAL_RANK_ENV = "RETROMAE_NODE_LOCAL_RANK"
 
 
+def _skip_inference_shm_op(deepspeed, accel) -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op when the process group starts on a CPU.
+
+    DeepSpeed 0.19 JIT-builds `deepspeed_shm_comm` at every `init_distributed` on a CPU accelerator: 45 s
+    the first time in an environment on an idle 2-core machine (minutes on a busy one), then loaded from
+    TORCH_EXTENSIONS_DIR. Only DeepSpeed-Inference's tensor-parallel layers call it (`inference_all_reduce`);
+    training's collectives (ZeRO's all-gathers and reduce-scatters, our all-reduces) go through
+    torch.distributed. So it is marked unavailable, as DeepSpeed itself marks it on a machine that cannot
+    build it, and DeepSpeed then leaves it out."""
+    builder = accel.create_op_builder("ShareMemCommBuilder")
+    compatible = getattr(getattr(deepspeed, "ops", None), "__compatible_ops__", None)
+    if builder is not None and isinstance(compatible, dict):
+        compatible[builder.NAME] = False
+
+
 def init_distributed(local_rank_arg: int | None = None,
                      timeout: datetime.timedelta | float | None = None) -> DistInfo:
     """Start the process group and bind this rank to its accelerator.
@@ -80,6 +95,7 @@ def init_distributed(local_rank_arg: int | None = None,
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, min(local_world, int(os.environ["WORLD_SIZE"])))))
         device = torch.device("cpu")
+        _skip_inference_shm_op(deepspeed, accel)
     else:
         index = device_index(local_rank, accel.device_count())
         accel.set_device(index)

@@ -4,8 +4,8 @@ Tiers (tests/README.md says what each holds): a test marked ``full`` is skipped,
 pytest runs with ``--full``; ``--full -m full`` runs the full tier alone (what .ci/run does after the
 default tier).
 
-Extension cache: every DeepSpeed process on a CPU loads the ``deepspeed_shm_comm`` op and the offload runs
-load CPU Adam; torch JIT-builds them into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/pyXY_cpu).
+Extension cache: the offload runs load DeepSpeed's CPU Adam (the ``deepspeed_shm_comm`` op, which every CPU
+process group used to build, is left out: engine/distributed.py); torch JIT-builds it into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/pyXY_cpu).
 That default folder is shared by every environment of a user, and a build made by another virtual
 environment does not match (other include paths), so each switch between environments rebuilds (50-150 s on
 2 cores). In a virtual environment the tests use SYS.PREFIX/torch_extensions instead: one build per venv.
