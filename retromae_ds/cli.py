@@ -21,6 +21,8 @@ COMMANDS = {
     "train": ("retromae_ds.engine.trainer", "pre-train with DeepSpeed (same flags as launch/pretrain.py)"),
     "export": ("retromae_ds.engine.export", "turn a checkpoint into a Hugging Face encoder folder"),
     "eval": ("retromae_ds.evaluate", "zero-shot similarity / retrieval quality of the [CLS] embedding"),
+    "probe": ("retromae_ds.retrieval.probe", "fine-tune probe: retrieval after a short contrastive fine-tune, "
+                                             "per checkpoint of a run"),
     "bench": ("retromae_ds.bench", "run the benchmarks in bench/ and print JSON"),
     "info": ("retromae_ds.info", "describe a prepared dataset, a checkpoint (and verify it) or the environment"),
     "init": ("retromae_ds.scaffold", "write editable copies of the DeepSpeed configs and the SLURM script"),

@@ -107,6 +107,12 @@ class TrainConfig:
                                  "the decoder's [CLS] gain (eval/cls_gain)")
     eval_heldout_docs: int = _f(EVAL_HELDOUT_DOCS, "documents at the end of the first dataset held out for retrieval eval (0 = none)")
     eval_max_length: int = _f(EVAL_MAX_LENGTH, "max tokens per text in evaluation (capped at the model's positions)")
+    eval_pairs: str = _f("", "query-passage pairs (.jsonl/.tsv/.csv/.parquet) whose zero-shot retrieval every evaluation "
+                             "logs as eval/pairs/* (docs/metrics.md)")
+    eval_beir: str = _f("", "a BEIR folder (corpus.jsonl, queries.jsonl, qrels/) scored like --eval-pairs, as eval/beir/*")
+    eval_beir_split: str = _f("test", "qrels split of --eval-beir")
+    eval_query_field: str = _f("query", "query field of --eval-pairs")
+    eval_passage_field: str = _f("passage", "passage field of --eval-pairs")
     export: bool = _f(True, "export the encoder (HF format) to OUTPUT_DIR/export at the end")
     profile_steps: str = _f("", "trace steps A-B with torch.profiler on rank 0, e.g. 20-25: a Perfetto/Chrome trace "
                                 "and a table of the top operators in OUTPUT_DIR/profile/")

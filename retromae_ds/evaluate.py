@@ -45,6 +45,7 @@ from retromae_ds.errors import UserError
 LEE_DOCS_FILE = "lee.cor"
 LEE_SCORES_FILE = "similarities0-1.txt"
 LEE_NUM_DOCS = 50
+RETRIEVAL_SIMILARITIES = ("cos", "dot")  # --similarity of `eval --pairs/--beir`
 
 
 # --------------------------------------------------------------------------------------------
@@ -60,8 +61,10 @@ def _model_device(encoder):
 
 
 def embed_ids(encoder, id_lists: Sequence[np.ndarray], cls_id: int, sep_id: int, pad_id: int, *,
-              batch_size: int = 32, max_length: int = 512, device=None) -> dict[str, np.ndarray]:
-    """L2-normalised "cls" (position 0) and "mean" (all non-pad tokens) embeddings, float32 [n, hidden].
+              batch_size: int = 32, max_length: int = 512, device=None,
+              normalize: bool = True) -> dict[str, np.ndarray]:
+    """L2-normalised "cls" (position 0) and "mean" (all non-pad tokens) embeddings, float32 [n, hidden]
+    (``normalize=False``: as the encoder gives them, for dot-product similarity).
 
     ``id_lists`` hold ids WITHOUT specials; each becomes [CLS] ids[:max_length-2] [SEP]. ``encoder`` is
     a Hugging Face base model (output ``.last_hidden_state``). Sequences are batched in order of
@@ -102,8 +105,9 @@ def embed_ids(encoder, id_lists: Sequence[np.ndarray], cls_id: int, sep_id: int,
                     mean_out[i] = mean[b].cpu().numpy()
     finally:
         encoder.train(was_training)
-    return {"cls": _l2_normalise(np.stack(cls_out)) if rows else np.zeros((0, 0), np.float32),
-            "mean": _l2_normalise(np.stack(mean_out)) if rows else np.zeros((0, 0), np.float32)}
+    finish = _l2_normalise if normalize else (lambda x: np.asarray(x, dtype=np.float32))
+    return {"cls": finish(np.stack(cls_out)) if rows else np.zeros((0, 0), np.float32),
+            "mean": finish(np.stack(mean_out)) if rows else np.zeros((0, 0), np.float32)}
 
 
 def embed_texts(encoder, tokenizer, texts: Sequence[str], **kw) -> dict[str, np.ndarray]:
@@ -431,6 +435,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-lee", action="store_true", help="skip the Lee similarity evaluation")
     parser.add_argument("--json", metavar="OUT.json", default=None, help="also write the results as JSON")
+    group = add_set_arguments(parser)
+    group.add_argument("--similarity", choices=tuple(RETRIEVAL_SIMILARITIES), default=None,
+                       help="cos (default) or dot (the product of unnormalised vectors, as RetroMAE's bi-encoder)")
+    group.add_argument("--no-bm25", action="store_true", help="leave out the BM25 reference line")
+    group.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                       help="resamples of the queries for the 95%% intervals (default 1000; 0 = no intervals)")
+
+
+def add_set_arguments(parser: argparse.ArgumentParser):
+    """The flags that name a retrieval set, shared by `eval` and `probe`; returns their argument group."""
+    group = parser.add_argument_group("retrieval on your own data (docs/metrics.md)")
+    group.add_argument("--pairs", metavar="FILE", default=None,
+                       help="query-passage pairs (.jsonl, .tsv, .csv or .parquet): each query's own passage is its "
+                            "one positive, every passage in the file is a candidate")
+    group.add_argument("--beir", metavar="DIR", default=None,
+                       help="a BEIR folder: corpus.jsonl, queries.jsonl and qrels/SPLIT.tsv (graded relevance)")
+    group.add_argument("--beir-split", default="test", metavar="SPLIT", help="qrels file of --beir (default test)")
+    group.add_argument("--query-field", default="query", metavar="NAME", help="query field of --pairs (default query)")
+    group.add_argument("--passage-field", default="passage", metavar="NAME",
+                       help="passage field of --pairs (default passage)")
+    return group
+
+
+def load_retrieval_set(args):
+    """The --pairs or --beir set of `args` as (key prefix, RetrievalSet), or (None, None)."""
+    from retromae_ds.data.retrieval_sets import load_beir, load_pairs
+
+    if args.pairs and args.beir:
+        raise UserError("pass --pairs or --beir, not both: one retrieval set per evaluation.")
+    if args.pairs:
+        return "pairs", load_pairs(args.pairs, query_field=args.query_field, passage_field=args.passage_field)
+    if args.beir:
+        return "beir", load_beir(args.beir, split=args.beir_split)
+    return None, None
 
 
 # The export records the settings of its run's evaluation here (retromae_ds/engine/export.py).
@@ -506,6 +544,9 @@ def main(args) -> int:
     seed = args.seed if args.seed is not None else recorded.get("seed", DEFAULT_SEED)
     if max_length < 3 or args.batch_size < 1:
         raise UserError(f"--max-length must be >= 3 and --batch-size >= 1 (got {max_length}, {args.batch_size}).")
+    if args.bootstrap < 0:
+        raise UserError(f"--bootstrap must be >= 0 (resamples; 0 = no intervals), got {args.bootstrap}.")
+    prefix, retrieval_set = load_retrieval_set(args)  # bad data fails before the model loads
     encoder, tokenizer = load_encoder(args.model_dir)
     length = evaluation_length(max_length, encoder)
     if recorded:
@@ -530,17 +571,39 @@ def main(args) -> int:
         results.update(heldout_retrieval(encoder, blocks, tokenizer.cls_token_id, tokenizer.sep_token_id,
                                          tokenizer.pad_token_id, seed=seed, max_length=length,
                                          batch_size=args.batch_size, device=device))
-    width = max((len(k) for k in results), default=0)
-    print(f"{'metric':<{width}}  value")
-    for key, value in results.items():
-        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if results:
+        width = max(len(k) for k in results)
+        print(f"{'metric':<{width}}  value")
+        for key, value in results.items():
+            print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     left_out = [f"recall{k}" for k in RECALL_KS if args.data and f"heldout/recall{k}" not in results]
     if left_out:
         print(f"({', '.join(left_out)} left out: each query ranks only {results.get('heldout/num_queries')} "
               f"candidates, so a Recall@k with k at least that is 1 by construction; a larger --heldout-docs "
               f"gives more candidates)")
+    if retrieval_set is not None:
+        results.update(_retrieval(args, prefix, retrieval_set, encoder, tokenizer, length, seed, device))
     if args.json:
         _write_json_atomic(args.json, {"model_dir": os.path.abspath(args.model_dir), "data": args.data,
+                                       "pairs": args.pairs, "beir": args.beir,
+                                       "similarity": (args.similarity or "cos") if retrieval_set else None,
                                        "max_length": length, "heldout_docs": heldout_docs, "seed": seed,
                                        "metrics": results})
     return 0
+
+
+def _retrieval(args, prefix, retrieval_set, encoder, tokenizer, length, seed, device) -> dict:
+    """Score --pairs/--beir, print the table, the timing and the memory; the flat metrics."""
+    from retromae_ds.retrieval.evaluation import format_table, memory_line, score_set
+
+    similarity = args.similarity or "cos"
+    print(f"\n{retrieval_set.describe()}: ranked by {similarity} similarity, texts cut to {length} tokens")
+    scores = score_set(encoder, tokenizer, retrieval_set, prefix=prefix, max_length=length,
+                       batch_size=args.batch_size, device=device, similarity=similarity, bm25=not args.no_bm25,
+                       resamples=args.bootstrap, seed=seed, progress=True)
+    for line in format_table(scores, prefix):
+        print(line)
+    if args.bootstrap:
+        print(f"[lo, hi]: 95% bootstrap interval over queries ({args.bootstrap} resamples, seed {seed})")
+    print(f"{scores.seconds:.1f} s; {memory_line(scores)}")
+    return scores.metrics

@@ -23,6 +23,7 @@ import torch
 
 from tests.helpers import engine_runs as R
 from tests.helpers.corpora import lee_articles
+from tests.helpers.retrieval_data import lee_pairs, write_pairs
 from tests.helpers.tiny_run import prepare_lee_corpus, tiny_run
 
 pytestmark = pytest.mark.distributed
@@ -40,9 +41,11 @@ WEIGHT_ATOL = 2e-5
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """The tiny run (Lee articles 0-119 prepared with the MiniLM tokenizer at L = 64, a tiny BERT config to
-    train from random init) and a second corpus (articles 120-219) for blending and the different-data check."""
+    train from random init), a second corpus (articles 120-219) for blending and the different-data check,
+    and query-passage pairs (articles 220-299) for --eval-pairs."""
     run = tiny_run(tmp_path_factory.mktemp("engine"), n_docs=120, max_seq_len=64)
-    return {**run, "prefix2": prepare_lee_corpus(run["root"], lee_articles()[120:220], "lee_other", max_seq_len=64)}
+    return {**run, "prefix2": prepare_lee_corpus(run["root"], lee_articles()[120:220], "lee_other", max_seq_len=64),
+            "pairs": write_pairs(run["root"] / "pairs.jsonl", lee_pairs(220, 300))}
 
 
 class Runs:
@@ -91,6 +94,12 @@ def checkpoint_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def zero3_run(runs):
+    """ZeRO-3 on 2 ranks (the deepspeed launcher); its final evaluation also scores --eval-pairs, which
+    gathers the partitioned weights in every forward, so every rank must take part."""
+    return runs.get("z3", "deepspeed", 2, ["--eval-pairs", runs.setup["pairs"]], ds="zero3")
 
 
 def baseline(runs):
@@ -155,12 +164,31 @@ def test_zero2_two_ranks_equal_single_process(runs):
 
 def test_zero3_two_ranks_equal_single_process(runs):
     single, _ = baseline(runs)
-    z3, _ = runs.get("z3", "deepspeed", 2, [], ds="zero3")
+    z3, _ = zero3_run(runs)
     assert_same_run(single, z3)
     assert_ran_fp32_zero(runs.probe("z3"), 3, z3)
     # cls_gain's decoder forwards ran on both ranks (ZeRO-3 gathers collectively), on the same masks
     gains = [R.metrics(out, kind="eval")[-1]["cls_gain"] for out in (single, z3)]
     assert gains[1] == pytest.approx(gains[0], abs=1e-4), gains
+
+
+def test_zero3_eval_pairs_equal_the_export_scored_alone(runs, tmp_path):
+    """--eval-pairs under ZeRO-3 on 2 ranks logs eval/pairs/* from the final weights: the numbers
+    `retromae-ds eval --pairs` gives on the run's export in one process."""
+    import json
+
+    from retromae_ds.cli import main as cli
+
+    z3, _ = zero3_run(runs)
+    (logged,) = R.metrics(z3, "eval")
+    out = tmp_path / "alone.json"
+    assert cli(["eval", str(z3 / "export"), "--pairs", runs.setup["pairs"], "--max-length", "64", "--batch-size", "4",
+                "--no-lee", "--bootstrap", "0", "--json", str(out)]) == 0
+    alone = json.loads(out.read_text())["metrics"]
+    keys = [k for k in alone if k.startswith("pairs/") and not k.endswith("num_passages")]
+    assert len(keys) >= 10 and alone["pairs/num_queries"] > 50
+    for key in keys:
+        assert logged[key] == pytest.approx(alone[key], abs=1e-6), key
 
 
 def test_run_outputs_metrics_checkpoints_and_eval(runs):
@@ -202,7 +230,7 @@ def test_resume_after_kill9_is_bitwise_exact_zero2(runs, setup):
 @pytest.mark.full
 def test_resume_after_kill9_is_bitwise_exact_zero3(runs, setup):
     _kill_then_resume(runs, setup, "z3_killed", "deepspeed", "zero3",
-                      runs.get("z3", "deepspeed", 2, [], ds="zero3"))
+                      zero3_run(runs))
 
 
 def test_export_from_zero3_loads_with_automodel_and_sentence_transformers(runs, setup, tmp_path):
@@ -212,7 +240,7 @@ def test_export_from_zero3_loads_with_automodel_and_sentence_transformers(runs, 
     from retromae_ds.cli import main as cli
     from retromae_ds.engine.checkpoint import complete_checkpoints
 
-    z3, _ = runs.get("z3", "deepspeed", 2, [], ds="zero3")
+    z3, _ = zero3_run(runs)
     target = tmp_path / "enc"
     assert cli(["export", str(z3), str(target)]) == 0
     assert cli(["export", str(z3), str(target)]) == 2  # refuses to overwrite without --overwrite
@@ -247,7 +275,7 @@ def test_dupmae_continues_from_the_export_with_its_decoder(runs, setup):
     dupmae objective trains with its bag-of-words loss on top of the RetroMAE losses."""
     from retromae_ds.engine.checkpoint import complete_checkpoints
 
-    z3, _ = runs.get("z3", "deepspeed", 2, [], ds="zero3")
+    z3, _ = zero3_run(runs)
     base = ["--data", setup["prefix"], "--model", str(z3 / "export" / "retromae")]
     out, res = runs.get("dupmae_from_export", "python", 1,
                         ["--objective", "dupmae", "--max-steps", "3", "--no-export"], base=base, save_init=True)

@@ -56,6 +56,7 @@ class DataBundle:
     heldout: list  # held-out blocks for retrieval evaluation
     fingerprints: list  # one dict per prefix (meta summary), stored in checkpoints
     meta: dict  # metadata of the first dataset
+    retrieval: tuple = (None, None)  # (key prefix, RetrievalSet) of --eval-pairs/--eval-beir, scored each evaluation
 
 
 def load_data(cfg: TrainConfig, tokenizer) -> DataBundle:
@@ -87,7 +88,22 @@ def load_data(cfg: TrainConfig, tokenizer) -> DataBundle:
     # IndexedDataset, BlockSubset and BlendedDataset all carry per-block sizes (int32; an IndexedDataset's
     # stay memory-mapped: no per-rank copy of 4-8 bytes per block)
     sizes = np.asarray(train.sizes)
-    return DataBundle(train=train, train_sizes=sizes, heldout=heldout, fingerprints=fingerprints, meta=first.meta)
+    return DataBundle(train=train, train_sizes=sizes, heldout=heldout, fingerprints=fingerprints, meta=first.meta,
+                      retrieval=load_eval_set(cfg))
+
+
+def load_eval_set(cfg: TrainConfig) -> tuple:
+    """(key prefix, RetrievalSet) of --eval-pairs ("pairs") or --eval-beir ("beir"); (None, None) without."""
+    from retromae_ds.data.retrieval_sets import load_beir, load_pairs
+
+    if cfg.eval_pairs and cfg.eval_beir:
+        raise UserError("--eval-pairs and --eval-beir both given: pass one retrieval set to evaluate on.")
+    if cfg.eval_pairs:
+        return "pairs", load_pairs(cfg.eval_pairs, query_field=cfg.eval_query_field,
+                                   passage_field=cfg.eval_passage_field)
+    if cfg.eval_beir:
+        return "beir", load_beir(cfg.eval_beir, split=cfg.eval_beir_split)
+    return None, None
 
 
 def check_heldout_docs(heldout_docs: int, num_documents: int, prefix: str) -> None:

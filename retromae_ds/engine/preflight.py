@@ -49,6 +49,8 @@ def check_inputs(cfg: TrainConfig) -> None:
         first = cfg.data[0]
         if cfg.eval_heldout_docs > 0 and "num_documents" in metas[first]:
             build.check_heldout_docs(cfg.eval_heldout_docs, int(metas[first]["num_documents"]), first)
+    if cfg.eval_pairs or cfg.eval_beir:
+        _from(cfg, "eval_pairs" if cfg.eval_pairs else "eval_beir", build.load_eval_set, cfg)
     _check_resume(cfg)
     from retromae_ds.engine.ds_config import load_deepspeed_json
 

@@ -364,6 +364,15 @@ class Trainer:
             if why_not and not self.cls_gain_noted:
                 say(why_not)  # the same reason every evaluation: said once
                 self.cls_gain_noted = True
+        prefix, retrieval_set = self.data.retrieval
+        if retrieval_set is not None:  # --eval-pairs / --eval-beir: zero-shot, cosine, no intervals (cheap)
+            from retromae_ds.retrieval.evaluation import score_set
+
+            results.update(score_set(module.encoder, tokenizer, retrieval_set, prefix=prefix,
+                                     max_length=self.eval_max_length, batch_size=cfg.micro_batch_size,
+                                     device=self.device, bm25=self.dist.is_main and self.bm25_line is None).metrics)
+            self.bm25_line = self.bm25_line or {k: v for k, v in results.items() if k.endswith("_bm25")}
+            results.update(self.bm25_line)  # the lexical reference, computed once, logged beside each evaluation
         self.logger.log(step, results, kind="eval")
         if self.dist.is_main:
             self.bar.write(eval_line(step, results, self.last_eval))
@@ -594,6 +603,7 @@ class Trainer:
         self.lr = self.lr_encoder = 0.0
         self.cls_gain_noted = False  # why eval/cls_gain does not apply is said once per run
         self.last_eval = None  # the previous evaluation of this session: the console line shows changes since it
+        self.bm25_line = None  # BM25 on --eval-pairs/--eval-beir: the same at every evaluation, computed once
         self.step_tokens = 0
 
     def _start_monitors(self, ds_json: dict, n_train: int) -> None:
@@ -656,7 +666,8 @@ class Trainer:
             f"L={cfg.max_seq_len} | out {cfg.output_dir}")
 
 
-EVAL_LINE_KEYS = ("heldout/mrr10", "cls_gain", "heldout/decoder_loss", "lee/pearson_cls", "lee/spearman_cls")
+EVAL_LINE_KEYS = ("heldout/mrr10", "cls_gain", "heldout/decoder_loss", "lee/pearson_cls", "lee/spearman_cls",
+                  "pairs/ndcg10_cls", "pairs/mrr10_cls", "beir/ndcg10_cls", "beir/mrr10_cls")
 
 
 def eval_line(step: int, results: dict, previous: dict | None) -> str:
