@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="trainer evaluation interval; 0 = only its final evaluation (no step-0 check; with "
                          "--model the starting encoder is evaluated once instead)")
     ap.add_argument("--log-interval", type=int, default=10)
+    ap.add_argument("--save-interval", type=int, default=0,
+                    help="keep a checkpoint every N steps (all of them) for `retromae-ds probe` to score later; "
+                         "default 0: the final one only")
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)

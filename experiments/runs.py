@@ -76,6 +76,12 @@ def model_defaults(args) -> None:
         args.new_parts_warmup_steps = round(0.1 * args.steps) if args.model else 0
 
 
+def keep_checkpoints(args) -> list[str]:
+    """The trainer's checkpoint flags: the final checkpoint only, or (--save-interval N) every N steps, all kept."""
+    every = getattr(args, "save_interval", 0)
+    return ["--save-interval", str(every), "--keep-last", str(max(2, -(-args.steps // every) if every else 2))]
+
+
 def pretrain_command(args, objective: str, seed: int, model_cfg: Path | None, tokenizer: str, out: Path) -> list[str]:
     model_defaults(args)
     init = ["--model", args.model, "--new-parts-warmup-steps", str(args.new_parts_warmup_steps)] if args.model \
@@ -86,7 +92,8 @@ def pretrain_command(args, objective: str, seed: int, model_cfg: Path | None, to
             "--micro-batch-size", str(args.micro_batch), "--lr", str(args.lr), "--warmup", "0.1",
             "--eval-interval", str(args.eval_interval), "--eval-heldout-docs", str(args.heldout_docs),
             "--eval-max-length", str(args.eval_max_length), "--log-interval", str(args.log_interval),
-            "--save-interval", "0", "--resume", "none", "--no-export", "--output-dir", str(out)]
+            *keep_checkpoints(args),
+            "--resume", "none", "--no-export", "--output-dir", str(out)]
 
 
 def run_one(args, objective: str, seed: int, model_cfg: Path | None, tokenizer: str) -> tuple[Path, float | None]:

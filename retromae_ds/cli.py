@@ -20,7 +20,7 @@ COMMANDS = {
     "prepare": ("retromae_ds.data.prepare", "tokenize a corpus into packed memory-mapped blocks (.bin/.idx/.json)"),
     "train": ("retromae_ds.engine.trainer", "pre-train with DeepSpeed (same flags as launch/pretrain.py)"),
     "export": ("retromae_ds.engine.export", "turn a checkpoint into a Hugging Face encoder folder"),
-    "eval": ("retromae_ds.evaluate", "zero-shot similarity / retrieval quality of the [CLS] embedding"),
+    "eval": ("retromae_ds.evaluate", "zero-shot quality of the [CLS] embedding: Lee, held-out and your own retrieval set"),
     "probe": ("retromae_ds.retrieval.probe", "fine-tune probe: retrieval after a short contrastive fine-tune, "
                                              "per checkpoint of a run"),
     "bench": ("retromae_ds.bench", "run the benchmarks in bench/ and print JSON"),
@@ -74,7 +74,29 @@ candidates (it would be 1 by construction); keys ending in _mean rank by mean-po
 
 With the defaults, `retromae-ds eval EXPORT --data PREFIX` repeats the final evaluation of the run that
 wrote EXPORT: the settings that run evaluated with are recorded in the export and used unless a flag
-says otherwise (other folders: the trainer's defaults).""",
+says otherwise (other folders: the trainer's defaults).
+
+Retrieval on your own data: --pairs FILE (one query and its passage per row; every passage is a
+candidate) or --beir DIR (corpus.jsonl, queries.jsonl, qrels/SPLIT.tsv). nDCG@10, MRR@10, Recall@10/100
+for [CLS], mean pooling and BM25, with 95% bootstrap intervals over queries (trec_eval's definitions):
+
+  retromae-ds eval runs/wiki/export --pairs dev.jsonl --no-lee --json dev.json
+
+More, and the fine-tune probe (`retromae-ds probe`): docs/metrics.md#retrieval-on-your-own-data.""",
+    "probe": """\
+How good a starting point for a retriever is this encoder, or each checkpoint of a run? A short
+contrastive fine-tune on your pairs ([CLS] pooling, in-batch negatives, sentence-transformers), then
+retrieval on your evaluation set before and after it (nDCG@10, MRR@10, Recall, with 95% intervals).
+
+  retromae-ds probe runs/wiki/export --train-pairs train.jsonl --pairs dev.jsonl
+  retromae-ds probe runs/wiki --train-pairs train.jsonl --beir data/scifact      (every kept checkpoint)
+
+On a run folder each complete checkpoint is exported on the fly and probed, oldest first; the results go
+to RUN/probe/probe-SETTING-HASH.json (after each checkpoint) with a curve of the after-fine-tune metric
+against the pre-training step (PNG). Run it again later: checkpoints already probed are skipped. Settings:
+retromae-paper (dot product, temperature 1, as RetroMAE's bi-encoder) or bge (cosine, temperature 0.02).
+The same seed gives the same numbers. Keep the fine-tuning pairs apart from the evaluation set. Bad input
+stops with exit 2 before anything trains. More: docs/metrics.md#retrieval-on-your-own-data.""",
     "init": """\
 Write editable copies of the bundled DeepSpeed configs and the Slurm script into DIR.
 

@@ -38,6 +38,8 @@ E = "tests/test_engine.py::"
 M = "tests/test_config_matrix.py::"
 F = "tests/test_cluster_faults.py::"
 R = "tests/test_math_reference.py::"
+RM = "tests/test_retrieval_metrics.py::"
+RE = "tests/test_retrieval_eval.py::"
 HC = "tests/test_head_calls.py::"
 Z = "tests/test_zero_failures.py::"
 
@@ -270,6 +272,27 @@ MUTATIONS = [
              "    return out.loss * weight, [out.loss, out.encoder_loss, decoder, bow]\n",
              ["tests/test_length_grouping.py::test_a_grouped_step_optimizes_and_logs_the_token_weighted_objective"],
              "grouped steps: the bag-of-words loss token-weighted, the log the unweighted mean of micro-batch means"),
+    # issue 29: retrieval on the user's data
+    Mutation("ties-in-ascending-id-order", "retromae_ds/retrieval/metrics.py",
+             "key=doc_ids.__getitem__, reverse=True)", "key=doc_ids.__getitem__)",
+             [RM + "test_metrics_equal_trec_eval_with_graded_qrels_and_ties"],
+             "equal scores ranked by ascending document id (trec_eval ranks them descending)"),
+    Mutation("ideal-dcg-from-found", "retromae_ds/retrieval/metrics.py",
+             "/ _ideal_dcg(judged, 10)}", "/ np.maximum((np.sort(gains, 1)[:, ::-1][:, :10] * discounts[:10]).sum(1), 1e-12)}",
+             [RM + "test_metrics_equal_trec_eval_with_graded_qrels_and_ties"],
+             "nDCG's ideal DCG from the relevant documents the ranking found, not from all judged ones"),
+    Mutation("search-blocks-drop-best", "retromae_ds/retrieval/search.py",
+             "scores = torch.cat([best_scores, scores], 1)", "scores = torch.cat([best_scores[:, :0], scores], 1)",
+             [RM + "test_chunked_search_equals_one_full_sort"],
+             "each block of passages replaces the running top-k instead of merging with it"),
+    Mutation("probe-scores-the-start-again", "retromae_ds/retrieval/probe.py",
+             "after = score_set(tuned, tuned_tokenizer,", "after = score_set(load_encoder(model_dir)[0], tuned_tokenizer,",
+             [RE + "test_probe_fine_tune_beats_its_start_and_is_deterministic"],
+             "the after-fine-tune evaluation scores the starting encoder"),
+    Mutation("cpu-start-builds-the-shm-op", "retromae_ds/engine/distributed.py",
+             "        _skip_inference_shm_op(deepspeed, accel)\n", "",
+             ["tests/test_distributed_env.py::test_timeout_reaches_the_groups_deepspeed_creates"],
+             "a CPU start JIT-compiles DeepSpeed's inference-only shm op (45-150 s per environment)"),
 ]
 
 IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", "*.pyc")
