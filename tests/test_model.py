@@ -480,7 +480,8 @@ def build_tiny(family: str, tokenizer, max_len: int):
 
 
 @pytest.mark.parametrize("family, which, objective", [
-    ("bert", "minilm_tokenizer", "retromae"),
+    # learning on real runs is checked by the default tier's engine runs, the math by test_math_reference.py
+    pytest.param("bert", "minilm_tokenizer", "retromae", marks=pytest.mark.full),
     pytest.param("roberta", "byte_level_tokenizer", "retromae", marks=pytest.mark.full),
     pytest.param("xlmr", "sentencepiece_tokenizer", "retromae", marks=pytest.mark.full),
     pytest.param("roberta", "byte_level_tokenizer", "dupmae", marks=pytest.mark.full),

@@ -101,6 +101,7 @@ def test_the_encoder_lr_is_logged_zero_during_the_phase_then_the_schedule(phase_
                                                           "parts": ["lm.cls", "c_head"]}
 
 
+@pytest.mark.full  # the default tier resumes from inside the phase in the next test (another global batch)
 def test_a_resume_from_inside_the_phase_continues_bit_for_bit(phase_run, corpus):
     out = corpus["root"] / "resumed"
     shutil.copytree(ck.checkpoint_root(phase_run["out"]) / ck.tag_for(2), ck.checkpoint_root(out) / ck.tag_for(2))

@@ -154,6 +154,7 @@ def test_the_resolved_config_is_saved_in_checkpoints_and_the_export(preset_run, 
         assert torch.isfinite(model(**batch).last_hidden_state).all()
 
 
+@pytest.mark.full  # the default tier resumes a preset run in the damaged-checkpoint test below
 def test_a_resume_reuses_the_saved_config_not_a_new_resolution(preset_run):
     """Resumed at --max-seq-len 64 (which would size the table at 64 positions): the run continues with the
     128-position table its checkpoint saved, instead of failing to load the trained rows."""
