@@ -47,6 +47,7 @@ def pytest_cmdline_main(config):
 
 def pytest_collection_modifyitems(config, items):
     tiers.skip_full_tier_unless_asked(config, items)
+    tiers.heaviest_files_first(items)
 
 from tests.helpers.corpora import lee_articles  # noqa: E402
 from tests.helpers.masking_data import train_byte_level_bpe  # noqa: E402

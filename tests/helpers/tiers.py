@@ -69,3 +69,22 @@ def parallel_whole_suite(config) -> None:
         return
     option.numprocesses = WHOLE_SUITE_WORKERS
     option.dist = "loadfile"
+    option.loadscopereorder = False  # keep the order heaviest_files_first gives (xdist's: most tests first)
+
+
+# Test files by their test time, heaviest first (bench/results/2026-12-05-test-suite-cpu.md; the full tier's
+# demo and Slurm runs lead). A worker takes the next file when it finishes one, so the long files must start
+# first: pytest-xdist's own order (files with the most tests first) left few-test, long-running files such
+# as test_sync_free.py and test_zero_failures.py to the end, one worker busy with them while the other idled.
+HEAVIEST_FIRST = ("test_demo.py", "test_slurm.py", "test_config_matrix.py", "test_engine.py",
+                  "test_cli_usability.py", "test_retrieval_eval.py", "test_zero_failures.py", "test_sync_free.py",
+                  "test_cluster_faults.py", "test_storage_faults.py", "test_model.py", "test_presets.py",
+                  "test_length_grouping.py", "test_new_parts_warmup.py", "test_scale.py", "test_wsd.py",
+                  "test_step_features.py", "test_trainer_features.py")
+
+
+def heaviest_files_first(items) -> None:
+    """Reorder `items` in place: the files of HEAVIEST_FIRST in its order, then the rest as collected (a
+    stable sort: tests keep their order within a file)."""
+    rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
