@@ -15,6 +15,9 @@ Stages:
    and on MiniLM-L6 (a trained retriever's encoder) as reference lines. BM25 comes with every probe.
 4. report: zero-shot and after-fine-tune nDCG@10 and MRR@10, mean over seeds, and the paired RetroMAE - MLM
    difference with a 95% two-stage bootstrap interval (seeds and queries), as JSON and markdown.
+5. convergence (run on its own, `--stage convergence`): the probe at several lengths on every kept checkpoint
+   of one RetroMAE run and the MLM run's last; the Spearman correlation of each length's ranking with the
+   longest fine-tune's, to choose the probe's default length.
 
 Everything runs on the CPU in a few hours on 2 cores (the pre-training ~45 min, each probe of bert-tiny
 a minute or two); on a GPU, minutes.
@@ -54,9 +57,9 @@ def pretrain_stage(args) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def probe_flags(args) -> list[str]:
+def probe_flags(args, steps: int | None = None) -> list[str]:
     return ["--train-pairs", f"{args.pairs_dir}/train.jsonl", "--pairs", f"{args.pairs_dir}/eval.jsonl",
-            "--steps", str(args.probe_steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+            "--steps", str(steps or args.probe_steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
             "--max-length", str(args.max_length), "--setting", args.setting, "--seed", "0"]
 
 
@@ -107,6 +110,45 @@ def probe_stage(args) -> None:
             print(f"probe: reusing {out}")
             continue
         retromae_ds("probe", str(folder), *flags, "--out", str(out))
+
+
+def convergence_stage(args) -> dict:
+    """Does the short probe rank checkpoints as a long fine-tune does? Every kept checkpoint of RetroMAE
+    seed 1 and MLM seed 1's last, fine-tuned for each of --convergence-steps (the longest: until held-out
+    MRR@10 is flat, judged by the two longest), then the Spearman correlation of each length's ranking of
+    the encoders with the longest one's."""
+    from retromae_ds.engine.checkpoint import complete_checkpoints
+    from retromae_ds.evaluate import spearman
+
+    root = Path(args.runs_dir)
+    encoders = {}
+    for checkpoint in complete_checkpoints(root / f"retromae_seed{args.seeds[0]}"):
+        folder = root / "convergence" / "encoders" / f"retromae_{checkpoint.name}"
+        if not (folder / "config.json").exists():
+            retromae_ds("export", str(checkpoint), str(folder), "--overwrite")
+        encoders[f"retromae_{checkpoint.name}"] = folder
+    encoders["mlm_last"] = final_export(root / f"mlm_seed{args.seeds[0]}")
+    table = {}
+    for steps in args.convergence_steps:
+        flags = probe_flags(args, steps)
+        for name, folder in encoders.items():
+            out = root / "convergence" / f"steps{steps}" / name
+            if not list(out.glob("probe-*.json")):
+                retromae_ds("probe", str(folder), *flags, "--out", str(out))
+            table.setdefault(steps, {})[name] = _load(out)["after"]
+    longest = max(args.convergence_steps)
+    names = list(encoders)
+    reference = [table[longest][n]["pairs/ndcg10_cls"] for n in names]
+    result = {"encoders": names, "steps": {}}
+    for steps in args.convergence_steps:
+        values = [table[steps][n]["pairs/ndcg10_cls"] for n in names]
+        result["steps"][steps] = {"ndcg10": dict(zip(names, values)),
+                                  "mrr10": {n: table[steps][n]["pairs/mrr10_cls"] for n in names},
+                                  "spearman_vs_longest": spearman(np.asarray(values), np.asarray(reference))}
+    out = Path(args.report).with_name("probe_convergence.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({s: r["spearman_vs_longest"] for s, r in result["steps"].items()}))
+    return result
 
 
 def _load(path: Path) -> dict:
@@ -186,7 +228,7 @@ def markdown(report: dict) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=("all", "pairs", "pretrain", "probe", "report"), default="all")
+    ap.add_argument("--stage", choices=("all", "pairs", "pretrain", "probe", "report", "convergence"), default="all")
     ap.add_argument("--pairs-dir", default=str(REPO / "data" / "manpages"))
     ap.add_argument("--runs-dir", default=str(REPO / "runs" / "evidence"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -197,6 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=5e-5)
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--setting", default="retromae-paper")
+    ap.add_argument("--convergence-steps", type=int, nargs="+", default=[150, 300, 600, 1200, 2400],
+                    help="fine-tuning lengths the convergence stage compares (the longest is the reference)")
     ap.add_argument("--report", default=str(REPO / "experiments" / "results" / "probe_evidence.json"))
     args = ap.parse_args(argv)
     stages = ("pairs", "pretrain", "probe", "report") if args.stage == "all" else (args.stage,)
