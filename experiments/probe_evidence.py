@@ -212,7 +212,9 @@ def markdown(report: dict) -> list[str]:
         lines.append(f"| {name} | {z['ndcg10']:.4f} | {z['mrr10']:.4f} | {a['ndcg10']:.4f} | {a['mrr10']:.4f} |")
     bm25 = report["bm25"]
     lines.append(f"| BM25 | {bm25['pairs/ndcg10_bm25']:.4f} | {bm25['pairs/mrr10_bm25']:.4f} | | |")
-    lines += ["", "| RetroMAE - MLM (3 seeds, paired) | difference | 95% interval | per seed |", "| --- | --- | --- | --- |"]
+    seeds = next(iter(report["paired"].values()))["n_seeds"] if report["paired"] else 0
+    lines += ["", f"| RetroMAE - MLM ({seeds} seeds, paired) | difference | 95% interval | per seed |",
+              "| --- | --- | --- | --- |"]
     for key, r in report["paired"].items():
         lines.append(f"| {key} | {r['diff']:+.4f} | [{r['low']:+.4f}, {r['high']:+.4f}] | "
                      f"{', '.join(f'{x:+.4f}' for x in r['per_seed'])} |")
