@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plant one-line bugs in a copy of the project and check that the relevant tests fail on each.
 
-    python -m scripts.mutation_check                  # baseline + every mutation (~15-25 min on 2 cores)
+    python -m scripts.mutation_check                  # baseline + every mutation (~30 min on 2 cores)
     python -m scripts.mutation_check --list           # the mutations and the tests each one must fail
     python -m scripts.mutation_check --only reshard-no-weights sigterm-skips-a-batch --no-baseline
     python -m scripts.mutation_check --source /tmp/head   # a `git archive HEAD` export instead of the checkout
