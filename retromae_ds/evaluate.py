@@ -522,7 +522,7 @@ def load_encoder(model_dir: str):
     return encoder, tokenizer
 
 
-def _write_json_atomic(path: str, payload: dict) -> None:
+def write_json_atomic(path, payload: dict) -> None:
     tmp = f"{path}.partial"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
@@ -584,7 +584,7 @@ def main(args) -> int:
     if retrieval_set is not None:
         results.update(_retrieval(args, prefix, retrieval_set, encoder, tokenizer, length, seed, device))
     if args.json:
-        _write_json_atomic(args.json, {"model_dir": os.path.abspath(args.model_dir), "data": args.data,
+        write_json_atomic(args.json, {"model_dir": os.path.abspath(args.model_dir), "data": args.data,
                                        "pairs": args.pairs, "beir": args.beir,
                                        "similarity": (args.similarity or "cos") if retrieval_set else None,
                                        "max_length": length, "heldout_docs": heldout_docs, "seed": seed,

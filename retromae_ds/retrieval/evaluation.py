@@ -61,20 +61,35 @@ def score_set(encoder, tokenizer, rset, *, prefix: str, max_length: int, batch_s
         rankings["bm25"] = bm25_top_k(rset.queries, rset.docs, order=order)
     scores = SetScores(memory_bound_bytes=memory_bound(len(rset.docs), len(rset.queries),
                                                        doc_emb["cls"].shape[1] if len(rset.docs) else 0))
-    names = reported_metrics(len(rset.docs))
     for ranker, ranked in rankings.items():
-        values = M.per_query(ranked, judged)
-        scores.per_query[ranker] = {name: values[name] for name in names}
-        for name in names:
-            key = f"{prefix}/{name}_{ranker}"
-            scores.metrics[key] = float(values[name].mean())
-            if resamples:
-                lo, hi = M.bootstrap_interval(values[name], seed=seed, resamples=resamples)
-                scores.metrics[f"{key}_lo"], scores.metrics[f"{key}_hi"] = lo, hi
+        _add_ranker(scores, ranker, ranked, judged, prefix, len(rset.docs), resamples, seed)
     scores.metrics[f"{prefix}/num_queries"] = len(rset.query_ids)
     scores.metrics[f"{prefix}/num_passages"] = len(rset.doc_ids)
     scores.seconds = time.perf_counter() - start
     return scores
+
+
+def _add_ranker(scores: SetScores, ranker: str, ranked, judged, prefix: str, num_docs: int, resamples: int,
+                seed: int) -> None:
+    """The per-query values and the means (with intervals when ``resamples``) of one ranker's rankings."""
+    values = M.per_query(ranked, judged)
+    names = reported_metrics(num_docs)
+    scores.per_query[ranker] = {name: values[name] for name in names}
+    for name in names:
+        key = f"{prefix}/{name}_{ranker}"
+        scores.metrics[key] = float(values[name].mean())
+        if resamples:
+            lo, hi = M.bootstrap_interval(values[name], seed=seed, resamples=resamples)
+            scores.metrics[f"{key}_lo"], scores.metrics[f"{key}_hi"] = lo, hi
+
+
+def score_bm25(rset, *, prefix: str) -> dict[str, float]:
+    """BM25's means alone (keys ``PREFIX/METRIC_bm25``), for a reference line computed once per set."""
+    scores = SetScores()
+    ranked = bm25_top_k(rset.queries, rset.docs, order=M.tie_order(rset.doc_ids))
+    _add_ranker(scores, "bm25", ranked, M.judgements(rset.query_ids, rset.doc_ids, rset.qrels), prefix,
+                len(rset.docs), 0, 0)
+    return scores.metrics
 
 
 def format_table(scores: SetScores, prefix: str) -> list[str]:

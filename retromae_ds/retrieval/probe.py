@@ -30,6 +30,7 @@ from pathlib import Path
 
 from retromae_ds.console import say
 from retromae_ds.errors import UserError
+from retromae_ds.evaluate import write_json_atomic
 
 SETTINGS = {
     "retromae-paper": {"similarity": "dot", "temperature": 1.0},
@@ -149,23 +150,18 @@ def load_results(path: Path, settings: ProbeSettings) -> dict:
     return {"settings": asdict(settings), "checkpoints": []}
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def probe_run(run_dir: str, out_dir: Path, train: dict, eval_set, prefix: str, settings: ProbeSettings) -> dict:
     """Probe each complete checkpoint of ``run_dir`` not yet in the results file; returns the results."""
     from retromae_ds.engine.checkpoint import complete_checkpoints
     from retromae_ds.engine.export import export_checkpoint
+    from retromae_ds.retrieval.evaluation import score_bm25
 
     checkpoints = complete_checkpoints(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = results_path(out_dir, settings)
     results = load_results(path, settings)
     if "bm25" not in results:
-        results["bm25"] = bm25_scores(eval_set, prefix, settings)
+        results["bm25"] = score_bm25(eval_set, prefix=prefix)
     done = {entry["checkpoint"] for entry in results["checkpoints"]}
     todo = [c for c in checkpoints if c.name not in done]
     say(f"probing {len(todo)} of {len(checkpoints)} checkpoints of {run_dir} "
@@ -184,16 +180,6 @@ def probe_run(run_dir: str, out_dir: Path, train: dict, eval_set, prefix: str, s
         say(f"{checkpoint.name}: {summary(entry, prefix)} ({entry['seconds']:.0f} s)")
     plot_curve(results, prefix, path.with_suffix(".png"))
     return results
-
-
-def bm25_scores(eval_set, prefix: str, settings: ProbeSettings) -> dict:
-    from retromae_ds.retrieval import metrics as M
-    from retromae_ds.retrieval.evaluation import reported_metrics
-    from retromae_ds.retrieval.search import bm25_top_k
-
-    ranked = bm25_top_k(eval_set.queries, eval_set.docs, order=M.tie_order(eval_set.doc_ids))
-    values = M.per_query(ranked, M.judgements(eval_set.query_ids, eval_set.doc_ids, eval_set.qrels))
-    return {f"{prefix}/{name}_bm25": float(values[name].mean()) for name in reported_metrics(len(eval_set.docs))}
 
 
 def summary(entry: dict, prefix: str) -> str:
