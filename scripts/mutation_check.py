@@ -293,6 +293,14 @@ MUTATIONS = [
              "        _skip_inference_shm_op(deepspeed, accel)\n", "",
              ["tests/test_distributed_env.py::test_timeout_reaches_the_groups_deepspeed_creates"],
              "a CPU start JIT-compiles DeepSpeed's inference-only shm op (45-150 s per environment)"),
+    Mutation("unused-muon-loaded", "retromae_ds/engine/trainer.py",
+             "        skip_unused_muon(ds_json)\n", "",
+             [E + "test_zero2_two_ranks_equal_single_process"],
+             "every rank's start imports DeepSpeed's Muon and compiles nothing with it (~1 s of CPU per rank)"),
+    Mutation("muon-stand-in-answers-import-probes", "retromae_ds/engine/unused_muon.py",
+             "if name.startswith(\"__\"):", "if False:",
+             ["tests/test_unused_muon.py::test_a_run_without_muon_gets_stand_ins_and_any_other_name_the_real_module"],
+             "the import system's __path__ probe loads DeepSpeed's real Muon through the stand-in"),
 ]
 
 IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", "*.pyc")

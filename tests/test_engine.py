@@ -156,6 +156,9 @@ def test_zero2_two_ranks_equal_single_process(runs):
     assert_ran_fp32_zero(runs.probe("single"), 2, single)
     for rank in (0, 1):
         assert_ran_fp32_zero(runs.probe("z2", rank), 2, z2)
+        # an AdamW run leaves DeepSpeed's Muon and torch's inductor unloaded (~1 s of start-up per rank)
+        loaded = runs.probe("z2", rank)["loaded"]
+        assert not any(loaded.values()), f"rank {rank} loaded {loaded}"
     # each rank trained on its own half of every global batch: together, the single run's blocks
     blocks = runs.probe("single")["blocks"]
     r0, r1 = runs.probe("z2", 0)["blocks"], runs.probe("z2", 1)["blocks"]

@@ -497,6 +497,7 @@ class Trainer:
         from retromae_ds.engine.build import param_groups, write_model_files
         from retromae_ds.engine.distributed import native_bf16
         from retromae_ds.engine.schedule import plan_schedule
+        from retromae_ds.engine.unused_muon import skip_unused_muon
 
         cfg, dist, model, ckpts = self.cfg, self.dist, self.model, self.checkpointer
         n_train = getattr(self.data.train, "samples_per_epoch", len(self.data.train))  # a blend's: weighted shares
@@ -532,6 +533,7 @@ class Trainer:
         groups = param_groups(model, cfg.weight_decay)
         if self.new_parts.splits_groups():
             groups = new_parts.param_groups_by_part(groups, model, self.new_parts.parts)
+        skip_unused_muon(ds_json)
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_json)
         self.engine, self.device = engine, engine.device
         tokenizer = self.tokenizer

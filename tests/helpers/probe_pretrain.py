@@ -410,6 +410,10 @@ def main() -> int:
 
         RECORD["module"] = retromae_ds.__file__
         RECORD["rc"] = rc
+        # the modules DeepSpeed's Muon would load (retromae_ds/engine/unused_muon.py): a stand-in has no file
+        RECORD["loaded"] = {name: getattr(sys.modules.get(name), "__file__", None) is not None for name in (
+            "deepspeed.runtime.zero.muon.muon_optimizer", "deepspeed.runtime.zero.muon.original_muon",
+            "torch._inductor.compile_fx")}
         rank = os.environ.get("RANK", "0")
         with open(os.path.join(PROBE, f"probe_rank{rank}.json"), "w") as f:
             json.dump(RECORD, f)
