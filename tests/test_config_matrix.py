@@ -14,9 +14,9 @@ time in the background, see the `cells` fixture):
    from step 3 through the consolidated weights, and again the fp32 masters before its first step equal
    the consolidated fp32 weights of that checkpoint exactly: a bf16/fp16 resume must not round them
    to 16 bits.
-4. export: `retromae-ds export` of the final checkpoint loads with AutoModel, its weights are finite and
-   equal DeepSpeed's own consolidation of that checkpoint (get_fp32_state_dict_from_zero_checkpoint),
-   the encoder and the full RetroMAE state.
+4. export: `retromae-ds export` of the 2-rank resume's checkpoint (step 3, two ranks' partitions to merge)
+   loads with AutoModel, its weights are finite and equal DeepSpeed's own consolidation of that checkpoint
+   (get_fp32_state_dict_from_zero_checkpoint), the encoder and the full RetroMAE state.
 
 fp16 on CPU: DeepSpeed refuses fp16 on a CPU accelerator ("Type fp16 is not supported on your device.")
 and so does the trainer (--precision fp16 needs a GPU). The fp16 cells run only through a test shim
@@ -66,10 +66,20 @@ WORKERS = int(os.environ.get("RETROMAE_TEST_MATRIX_WORKERS", "0")) or max(1, min
 # The default tier runs one cell per ZeRO stage, each in a precision whose checkpoints take another path
 # (BF16_Optimizer under ZeRO-1, bf16 and fp16 masters under ZeRO-2/3; the fp32 pipelines are also
 # test_engine.py's ZeRO-2/3 runs); the other 9 cells are the full tier (--full, tests/README.md).
+# zero1-bf16's new-world-size resume is the full tier's too: its consolidation is checked by its export, and
+# the bf16 masters' path through a new world size by zero2-bf16's.
 DEFAULT_CELLS = {("zero1", "bf16"), ("zero2", "bf16"), ("zero3", "fp16")}
-CELLS = [pytest.param(ds, precision, id=f"{ds}-{precision}",
-                      marks=() if (ds, precision) in DEFAULT_CELLS else pytest.mark.full)
-         for ds in CONFIGS for precision in PRECISIONS]
+DEFAULT_RESHARD_CELLS = DEFAULT_CELLS - {("zero1", "bf16")}
+
+
+def cells_of(default: set) -> list:
+    return [pytest.param(ds, precision, id=f"{ds}-{precision}",
+                         marks=() if (ds, precision) in default else pytest.mark.full)
+            for ds in CONFIGS for precision in PRECISIONS]
+
+
+CELLS, RESHARD_CELLS = cells_of(DEFAULT_CELLS), cells_of(DEFAULT_RESHARD_CELLS)
+RESHARD_TEST = "test_resumes_at_a_new_world_size_from_the_exact_fp32_masters"
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +106,7 @@ class Cell:
     precision: str
     root: Path
     base: list[str]
+    reshards: bool = True  # run the third stage in the background pipeline (its test is selected)
     launches: dict[str, Launch] = field(default_factory=dict)
     failed: dict[str, BaseException] = field(default_factory=dict)
 
@@ -164,7 +175,7 @@ class Cell:
 
     def run_all(self) -> None:
         """Every stage in order (the background pipeline); outcomes are kept for the tests to raise."""
-        for stage in (self.train, self.resume, self.reshard):
+        for stage in (self.train, self.resume, self.reshard) if self.reshards else (self.train, self.resume):
             try:
                 stage()
             except BaseException:  # noqa: BLE001 - kept in self.failed, raised by the stage's test
@@ -192,28 +203,29 @@ def summarize(log: str, lines: int = 60) -> str:
     return "\n".join(picked[-lines:])
 
 
-def selected_cells(session, module) -> list[tuple[str, str]]:
-    """The cells this session's selected tests of `module` use, in test order (-k can narrow them; the
-    full tier's cells only with --full)."""
-    found: dict[tuple[str, str], None] = {}
+def selected_cells(session, module) -> dict[tuple[str, str], bool]:
+    """{cell: whether its new-world-size stage is tested} for the cells this session's selected tests of
+    `module` use, in test order (-k can narrow them; the full tier's tests only with --full)."""
+    found: dict[tuple[str, str], bool] = {}
     for item in session.items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if getattr(item, "module", None) is module and "ds" in params and tiers.runs_in_this_session(item):
-            found[(params["ds"], params["precision"])] = None
-    return list(found)
+            key = (params["ds"], params["precision"])
+            found[key] = found.get(key, False) or item.originalname == RESHARD_TEST
+    return found
 
 
 @pytest.fixture(scope="module")
 def cells(corpus, request):
-    """cells(ds, precision): the Cell with its three launches done. They start in the background when
-    the first test asks, WORKERS cells at a time, each cell's stages in order, in test order; a test
+    """cells(ds, precision): the Cell with its launches done (the third when its test is selected). They
+    start in the background when the first test asks, WORKERS cells at a time, each cell's stages in order, in test order; a test
     waits for its cell's pipeline. A launch is mostly imports and start-up (~13 s of CPU per process for
     well under 1 s of training), with idle gaps a second cell fills: on a quiet 2-core machine the 36
     launches took 12 min 39 s one cell at a time (80 s of it the one-off CPU Adam build) and 6 min 47 s
     two at a time; they need ~13 min of CPU either way, so a busy machine takes longer. Every process is
     launched exactly as it would be alone (own ports, own folders)."""
-    made = {key: Cell(*key, corpus["root"], corpus["base"])
-            for key in selected_cells(request.session, request.module)}
+    made = {key: Cell(*key, corpus["root"], corpus["base"], reshards)
+            for key, reshards in selected_cells(request.session, request.module).items()}
     pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="matrix")
     futures = {key: pool.submit(cell.run_all) for key, cell in made.items()}
 
@@ -310,7 +322,7 @@ def test_resumes_on_the_same_two_ranks(cells, ds, precision):
     assert_masters_are_the_checkpoints(cell, launch, source, "a resume on the same 2 ranks")
 
 
-@pytest.mark.parametrize("ds, precision", CELLS)
+@pytest.mark.parametrize("ds, precision", RESHARD_CELLS)
 def test_resumes_at_a_new_world_size_from_the_exact_fp32_masters(cells, ds, precision):
     cell = cells(ds, precision)
     launch = cell.reshard()
@@ -334,8 +346,8 @@ def test_export_equals_deepspeeds_consolidation(cells, ds, precision, tmp_path):
     from retromae_ds.cli import main as cli
 
     cell = cells(ds, precision)
-    cell.reshard()
-    final = cell.checkpoint(RESHARD_STEPS)
+    cell.resume()
+    final = cell.checkpoint(RESUME_STEPS)
     target = tmp_path / "encoder"
     assert cli(["export", str(final), str(target)]) == 0, f"{cell.name}: export of {final} failed"
     want = consolidated(final)
