@@ -11,8 +11,13 @@ Stages:
    on the demo corpus, 3,600 steps, RetroMAE and MLM, 3 seeds), keeping a checkpoint every --save-every
    steps.
 3. probe: `retromae-ds probe` on every kept checkpoint of seed 1 (RetroMAE and MLM: the curves) and on the
-   final checkpoint of the other seeds; on the same architecture at random init (the scratch tokenizer),
-   and on MiniLM-L6 (a trained retriever's encoder) as reference lines. BM25 comes with every probe.
+   final checkpoint of the other seeds, and on the same architecture at random init (the scratch
+   tokenizer); MiniLM-L6 (a trained retriever's encoder) zero-shot, as reference lines. BM25 comes with
+   every probe. The probe's setting: `bge` (cosine, temperature 0.02) at lr 2e-3, 600 steps of 32. Chosen on
+   RetroMAE seed 1's step-720 checkpoint with 300-step probes (nDCG@10 from 0.008): `bge` at lr 1e-4 0.030,
+   5e-4 0.089, 2e-3 0.189; `retromae-paper` (dot product, temperature 1) at lr 5e-5 and 1e-4 collapsed a
+   random bert-tiny on the synthetic benchmark pairs (bench/results/2026-12-05-retrieval-cpu.md). The
+   product's defaults (`retromae-paper`, lr 5e-5) are for pre-trained base-size encoders.
 4. report: zero-shot and after-fine-tune nDCG@10 and MRR@10, mean over seeds, and the paired RetroMAE - MLM
    difference with a 95% two-stage bootstrap interval (seeds and queries), as JSON and markdown.
 5. convergence (run on its own, `--stage convergence`): the probe at several lengths on every kept checkpoint
@@ -30,6 +35,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -63,9 +69,31 @@ def probe_flags(args, steps: int | None = None) -> list[str]:
             "--max-length", str(args.max_length), "--setting", args.setting, "--seed", "0"]
 
 
-def retromae_ds(*argv: str) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    subprocess.run([sys.executable, "-m", "retromae_ds.cli", *argv], cwd=REPO, env=env, check=True)
+def retromae_ds(*argv: str, log: Path | None = None) -> None:
+    """One `retromae-ds` command at one thread (probes run --jobs at a time: one-thread processes side by
+    side use 2 cores better than one process with two threads, see experiments/ablation.py)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    if log is None:
+        subprocess.run([sys.executable, "-m", "retromae_ds.cli", *argv], cwd=REPO, env=env, check=True)
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        res = subprocess.run([sys.executable, "-m", "retromae_ds.cli", *argv], cwd=REPO, env=env, stdout=f,
+                             stderr=subprocess.STDOUT)
+    if res.returncode:
+        raise SystemExit(f"retromae-ds {' '.join(argv[:2])} failed ({res.returncode}): see {log}")
+
+
+def run_all(jobs: int, tasks: list[tuple[str, list[str], Path]]) -> None:
+    """(name, retromae-ds argv, log) tasks, `jobs` at a time; prints each as it ends."""
+    def one(task):
+        name, argv, log = task
+        retromae_ds(*argv, log=log)
+        print(f"  done: {name} ({log})", flush=True)
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for future in [pool.submit(one, t) for t in tasks]:
+            future.result()
 
 
 def random_init_encoder(args) -> Path:
@@ -86,9 +114,15 @@ def random_init_encoder(args) -> Path:
     return folder
 
 
-def final_export(run: Path) -> Path:
+def final_export(run: Path, steps: int) -> Path:
+    """The encoder of the run's last checkpoint, which must be its --pretrain-steps one (a run still training
+    would give an early checkpoint)."""
+    from retromae_ds.engine.checkpoint import read_marker
+
     folder = run / "final_export"
     if not (folder / "config.json").exists():
+        if read_marker(run / "checkpoints" / f"step_{steps:08d}") is None:
+            raise SystemExit(f"{run} has no complete step-{steps} checkpoint yet: run the pretrain stage to its end")
         retromae_ds("export", str(run), str(folder), "--overwrite")
     return folder
 
@@ -97,19 +131,30 @@ def probe_stage(args) -> None:
     from retromae_ds.data.demo_corpus import minilm_path
 
     flags = probe_flags(args)
-    for objective in OBJECTIVES:  # the curves: every kept checkpoint of the first seed
+    logs = Path(args.runs_dir) / "logs"
+    tasks = []
+    for objective in OBJECTIVES:  # the curves: every kept checkpoint of the first seed (probed ones skipped)
         run = Path(args.runs_dir) / f"{objective}_seed{args.seeds[0]}"
-        retromae_ds("probe", str(run), *flags)
-    targets = {f"{objective}_seed{seed}": final_export(Path(args.runs_dir) / f"{objective}_seed{seed}")
+        tasks.append((f"curve {run.name}", ["probe", str(run), *flags], logs / f"probe_curve_{run.name}.log"))
+    targets = {f"{objective}_seed{seed}": final_export(Path(args.runs_dir) / f"{objective}_seed{seed}",
+                                                       args.pretrain_steps)
                for objective in OBJECTIVES for seed in args.seeds[1:]}
     targets["random_init"] = random_init_encoder(args)
-    targets["minilm"] = Path(minilm_path())
+    # MiniLM, a trained retriever, zero-shot only: a fine-tune at a from-scratch tiny model's learning rate
+    # would say nothing about it, and at its own it costs ~10 tiny probes on 2 CPU cores
+    minilm = Path(args.runs_dir) / "probes" / "minilm" / "zero_shot.json"
+    if not minilm.exists():
+        similarity = "cos" if args.setting == "bge" else "dot"
+        tasks.append(("minilm zero-shot", ["eval", str(minilm_path()), "--pairs", f"{args.pairs_dir}/eval.jsonl",
+                                           "--no-lee", "--no-bm25", "--similarity", similarity, "--max-length",
+                                           str(args.max_length), "--json", str(minilm)], logs / "eval_minilm.log"))
     for name, folder in targets.items():
         out = Path(args.runs_dir) / "probes" / name
         if list(out.glob("probe-*.json")):
             print(f"probe: reusing {out}")
             continue
-        retromae_ds("probe", str(folder), *flags, "--out", str(out))
+        tasks.append((name, ["probe", str(folder), *flags, "--out", str(out)], logs / f"probe_{name}.log"))
+    run_all(args.jobs, tasks)
 
 
 def convergence_stage(args) -> dict:
@@ -127,15 +172,28 @@ def convergence_stage(args) -> dict:
         if not (folder / "config.json").exists():
             retromae_ds("export", str(checkpoint), str(folder), "--overwrite")
         encoders[f"retromae_{checkpoint.name}"] = folder
-    encoders["mlm_last"] = final_export(root / f"mlm_seed{args.seeds[0]}")
-    table = {}
-    for steps in args.convergence_steps:
-        flags = probe_flags(args, steps)
+    encoders["mlm_last"] = final_export(root / f"mlm_seed{args.seeds[0]}", args.pretrain_steps)
+    # the probe stage's curves already hold the --probe-steps fine-tune of these encoders (same seed and
+    # settings: the probe is deterministic), so that length is read from them, not run again
+    curve = {o: {e["step"]: e for e in _load(root / f"{o}_seed{args.seeds[0]}" / "probe")["checkpoints"]}
+             for o in OBJECTIVES}
+    reused = {f"retromae_step_{step:08d}": e for step, e in curve["retromae"].items()}
+    reused["mlm_last"] = curve["mlm"][max(curve["mlm"])]
+    table, tasks = {}, []
+    for steps in sorted(args.convergence_steps, reverse=True):  # the reference first
         for name, folder in encoders.items():
             out = root / "convergence" / f"steps{steps}" / name
+            if steps == args.probe_steps and name in reused:
+                continue
             if not list(out.glob("probe-*.json")):
-                retromae_ds("probe", str(folder), *flags, "--out", str(out))
-            table.setdefault(steps, {})[name] = _load(out)["after"]
+                tasks.append((f"{name} {steps} steps", ["probe", str(folder), *probe_flags(args, steps), "--out",
+                                                          str(out)], root / "logs" / f"convergence_{steps}_{name}.log"))
+    run_all(args.jobs, tasks)
+    for steps in args.convergence_steps:
+        for name in encoders:
+            entry = reused[name] if steps == args.probe_steps and name in reused else \
+                _load(root / "convergence" / f"steps{steps}" / name)
+            table.setdefault(steps, {})[name] = entry["after"]
     longest = max(args.convergence_steps)
     names = list(encoders)
     reference = [table[longest][n]["pairs/ndcg10_cls"] for n in names]
@@ -164,8 +222,9 @@ def final_entries(args) -> dict[str, dict]:
         entries[f"{objective}_seed{args.seeds[0]}"] = curve["checkpoints"][-1]
         for seed in args.seeds[1:]:
             entries[f"{objective}_seed{seed}"] = _load(Path(args.runs_dir) / "probes" / f"{objective}_seed{seed}")
-    for ref in ("random_init", "minilm"):
-        entries[ref] = _load(Path(args.runs_dir) / "probes" / ref)
+    entries["random_init"] = _load(Path(args.runs_dir) / "probes" / "random_init")
+    minilm = json.loads((Path(args.runs_dir) / "probes" / "minilm" / "zero_shot.json").read_text())
+    entries["minilm"] = {"zero_shot": minilm["metrics"], "after": None}
     return entries
 
 
@@ -177,7 +236,7 @@ def report_stage(args) -> dict:
     report = {"settings": curve["retromae"]["settings"], "bm25": curve["retromae"]["bm25"], "runs": {},
               "paired": {}, "curves": {}}
     for name, entry in entries.items():
-        report["runs"][name] = {stage: {m: entry[stage][f"pairs/{m}_cls"] for m in METRICS}
+        report["runs"][name] = {stage: {m: entry[stage][f"pairs/{m}_cls"] for m in METRICS} if entry[stage] else None
                                 for stage in ("zero_shot", "after")}
     for stage in ("zero_shot", "after"):
         for metric in METRICS:
@@ -209,7 +268,8 @@ def markdown(report: dict) -> list[str]:
              "| --- | --- | --- | --- | --- |"]
     for name, row in report["runs"].items():
         z, a = row["zero_shot"], row["after"]
-        lines.append(f"| {name} | {z['ndcg10']:.4f} | {z['mrr10']:.4f} | {a['ndcg10']:.4f} | {a['mrr10']:.4f} |")
+        after = f"{a['ndcg10']:.4f} | {a['mrr10']:.4f}" if a else "(not fine-tuned) |"
+        lines.append(f"| {name} | {z['ndcg10']:.4f} | {z['mrr10']:.4f} | {after} |")
     bm25 = report["bm25"]
     lines.append(f"| BM25 | {bm25['pairs/ndcg10_bm25']:.4f} | {bm25['pairs/mrr10_bm25']:.4f} | | |")
     seeds = next(iter(report["paired"].values()))["n_seeds"] if report["paired"] else 0
@@ -238,11 +298,14 @@ def main(argv=None) -> int:
     ap.add_argument("--save-every", type=int, default=600)
     ap.add_argument("--probe-steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-5)
+    ap.add_argument("--lr", type=float, default=2e-3, help="the fine-tune's peak learning rate (default 2e-3: "
+                    "chosen for bert-tiny from scratch, see the module docstring)")
     ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--setting", default="retromae-paper")
-    ap.add_argument("--convergence-steps", type=int, nargs="+", default=[150, 300, 600, 1200, 2400],
-                    help="fine-tuning lengths the convergence stage compares (the longest is the reference)")
+    ap.add_argument("--setting", default="bge")
+    ap.add_argument("--convergence-steps", type=int, nargs="+", default=[150, 300, 600, 1200],
+                    help="fine-tuning lengths the convergence stage compares (the longest is the reference: "
+                         "1,200 steps of 32 are 21 passes over the 1,832 manual-page fine-tuning pairs)")
+    ap.add_argument("--jobs", type=int, default=2, help="probes run at once, one thread each (default 2)")
     ap.add_argument("--report", default=str(REPO / "experiments" / "results" / "probe_evidence.json"))
     args = ap.parse_args(argv)
     stages = ("pairs", "pretrain", "probe", "report") if args.stage == "all" else (args.stage,)
