@@ -114,7 +114,7 @@ SCRATCH_PRESET = ["--train-tokenizer", "wordpiece", "--vocab-size", "8000", "--m
                   "--model-config", "bert-tiny", "--objectives", "retromae", "mlm",
                   "--seeds", "1", "2", "3", "--steps", "3600", "--micro-batch", "8", "--lr", "1e-3",
                   "--eval-interval", "400", "--log-interval", "10", "--threads", "1", "--jobs", "2",
-                  "--heldout-docs", "125", "--eval-max-length", "128",
+                  "--heldout-docs", "125",
                   "--ds-config", "zero2.json", "--out-dir", str(REPO / "runs" / "ablation_scratch"),
                   "--json", str(REPO / "experiments" / "results" / "ablation_scratch.json"),
                   "--md", str(REPO / "experiments" / "results" / "ablation_scratch_tables.md"),
@@ -147,6 +147,23 @@ def check_scratch_args(ap: argparse.ArgumentParser, args, argv: list[str]) -> No
                  "itself under OUT_DIR/data: drop one of them")
     if args.train_tokenizer and args.vocab_size < 100:
         ap.error(f"--vocab-size {args.vocab_size} is too small for a vocabulary")
+
+
+def eval_length(args, model_cfg, tokenizer: str) -> int:
+    """--eval-max-length, by default the data's block length. A random-init model has the positions its
+    preset gave it for that length, so a longer evaluation is refused before training, not by a crash in
+    the first evaluation."""
+    from retromae_ds.data.indexed import IndexedDataset
+
+    block = IndexedDataset(args.data).meta["max_seq_len"]
+    length = args.eval_max_length or block
+    if model_cfg is not None:
+        positions = run_inputs.model_config_report(model_cfg, tokenizer, args).get("max_position_embeddings", 512)
+        if length > positions:
+            raise SystemExit(f"ablation: --eval-max-length {length} is longer than the random-init model's "
+                             f"{positions} positions (sized for the data's {block}-token blocks): pass "
+                             f"--eval-max-length {positions} or less, or leave it out (the block length)")
+    return length
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--heldout-docs", type=int, default=125,
                     help="last documents of --data held out of training and used for retrieval (default 125: "
                          "309 queries on the demo corpus)")
-    ap.add_argument("--eval-max-length", type=int, default=128)
+    ap.add_argument("--eval-max-length", type=int, default=None,
+                    help="token length of the evaluation's passages (default: the data's block length)")
     ap.add_argument("--eval-seed", type=int, default=0, help="seed of the final evaluation's query spans (same for all runs)")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap replicates per interval")
     ap.add_argument("--ds-config", default="zero2.json", help="file in ds_configs/")
@@ -270,6 +288,7 @@ def main(argv=None) -> int:
         prepare_demo(args.data, max_seq_len=128)
     if not args.model:
         model_cfg = run_inputs.random_init_config(args, out_root, tokenizer)
+    args.eval_max_length = eval_length(args, model_cfg, tokenizer)
     blocks = final_eval.heldout_for(args.data, args.heldout_docs)
 
     head_digests, head_mismatches = {}, []

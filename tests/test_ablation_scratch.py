@@ -146,6 +146,11 @@ def test_preparation_is_cached_with_reuse_and_redone_when_the_corpus_changes(tmp
     assert _main_until_training(monkeypatch, argv + ["--reuse", "--vocab-size", "420"])["cli"] == []
     os.remove(data + ".idx")
     assert _main_until_training(monkeypatch, argv + ["--reuse", "--vocab-size", "420"])["cli"] == ["prepare"]
+    # the evaluation's length follows the blocks (the preset's model has 64 positions for them); a longer one
+    # is refused before any training, naming the fix
+    assert first["command"][first["command"].index("--eval-max-length") + 1] == "64"
+    with pytest.raises(SystemExit, match="--eval-max-length 128 is longer than the random-init model's 64 positions"):
+        _main_until_training(monkeypatch, argv + ["--reuse", "--vocab-size", "420", "--eval-max-length", "128"])
 
 
 def test_custom_size_gets_the_trained_vocabulary(tmp_path, small_corpus, monkeypatch):
