@@ -522,7 +522,22 @@ def load_encoder(model_dir: str):
     return encoder, tokenizer
 
 
+def check_json_target(path) -> None:
+    """Make --json's folder and check it takes a file, before a long evaluation rather than after it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--json {path}: cannot create its folder {folder} ({err.strerror}); pick a writable "
+                        f"path.") from None
+    if os.path.isdir(path) or not os.access(folder, os.W_OK):
+        what = "is a folder" if os.path.isdir(path) else f"its folder {folder} is not writable"
+        raise UserError(f"--json {path}: {what}; pick a writable file path.")
+
+
 def write_json_atomic(path, payload: dict) -> None:
+    """Write JSON through PATH.partial and a rename, so a reader never sees half a file; makes the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.partial"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
@@ -547,6 +562,8 @@ def main(args) -> int:
     if args.bootstrap < 0:
         raise UserError(f"--bootstrap must be >= 0 (resamples; 0 = no intervals), got {args.bootstrap}.")
     prefix, retrieval_set = load_retrieval_set(args)  # bad data fails before the model loads
+    if args.json:
+        check_json_target(args.json)
     encoder, tokenizer = load_encoder(args.model_dir)
     length = evaluation_length(max_length, encoder)
     if recorded:

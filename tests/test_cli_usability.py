@@ -517,6 +517,32 @@ def test_export_to_an_unwritable_folder_says_so_not_free_space(interrupted, read
     assert "free space" not in err.lower() and "bytes are free" not in err and "Traceback" not in err
 
 
+def test_eval_json_goes_into_a_new_folder_and_an_unwritable_target_is_refused_before_the_model(tmp_path,
+                                                                                              read_only_dir, capsys):
+    """`eval --json` into a folder that does not exist yet makes it (it used to fail with a traceback after the
+    whole evaluation); one that cannot be written is an exit 2 naming the path before any model loads."""
+    from retromae_ds.cli import main as cli
+    from retromae_ds.errors import UserError
+    from retromae_ds.evaluate import check_json_target, write_json_atomic
+
+    target = tmp_path / "new" / "sub" / "out.json"
+    check_json_target(target)
+    write_json_atomic(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1} and not list(target.parent.glob("*.partial"))
+    write_json_atomic(tmp_path / "other" / "out.json", {"b": 2})  # the probe writes without the check
+    assert json.loads((tmp_path / "other" / "out.json").read_text()) == {"b": 2}
+    for bad, words in ((read_only_dir / "x.json", "not writable"), (read_only_dir / "d" / "x.json", "cannot create"),
+                       (tmp_path, "is a folder")):
+        with pytest.raises(UserError, match=words):
+            check_json_target(bad)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": f"q{i}", "passage": f"passage {i}"}) + "\n" for i in range(3)))
+    assert cli(["eval", str(tmp_path / "no-such-encoder"), "--pairs", str(pairs), "--no-lee",
+                "--json", str(read_only_dir / "x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--json" in err and "not writable" in err and "no-such-encoder" not in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("kind", ["gzip", "nul"])
 @pytest.mark.parametrize("on_bad", ["error", "skip"])
 def test_a_binary_input_file_is_called_binary_not_an_encoding_problem(tmp_path, kind, on_bad):
