@@ -24,8 +24,9 @@ Stages:
    of one RetroMAE run and the MLM run's last; the Spearman correlation of each length's ranking with the
    longest fine-tune's, to choose the probe's default length.
 
-Everything runs on the CPU in a few hours on 2 cores (the pre-training ~45 min, each probe of bert-tiny
-a minute or two); on a GPU, minutes.
+On 2 CPU cores (2026-12-05, bench/results/2026-12-05-probe-evidence-cpu.md): the pre-training took 91 min
+beside the probes (~45 min alone), each 600-step probe of bert-tiny 7-12 min with up to 6 processes on the
+cores (~2 min alone); the whole run ~2 h 10 min. On a GPU, minutes.
 """
 
 from __future__ import annotations
