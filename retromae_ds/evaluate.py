@@ -40,7 +40,7 @@ import numpy as np
 
 from retromae_ds.config import DEFAULT_SEED, EVAL_HELDOUT_DOCS, EVAL_MAX_LENGTH
 from retromae_ds.data.heldout import heldout_blocks, heldout_queries
-from retromae_ds.errors import UserError
+from retromae_ds.errors import UserError, make_folder
 
 LEE_DOCS_FILE = "lee.cor"
 LEE_SCORES_FILE = "similarities0-1.txt"
@@ -525,11 +525,7 @@ def load_encoder(model_dir: str):
 def check_json_target(path) -> None:
     """Make --json's folder and check it takes a file, before a long evaluation rather than after it."""
     folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"--json {path}: cannot create its folder {folder} ({err.strerror}); pick a writable "
-                        f"path.") from None
+    make_folder(folder, f"--json {path}")
     if os.path.isdir(path) or not os.access(folder, os.W_OK):
         what = "is a folder" if os.path.isdir(path) else f"its folder {folder} is not writable"
         raise UserError(f"--json {path}: {what}; pick a writable file path.")

@@ -26,7 +26,7 @@ import time
 from retromae_ds.data.readers import DemoReader, FileReader, add_reading_arguments, discover_sources
 from retromae_ds.data.tokenizer import check_max_seq_len, load_tokenizer
 from retromae_ds.data.workers import default_num_proc, rebatch, tokenizer_pool
-from retromae_ds.errors import UserError
+from retromae_ds.errors import UserError, make_folder
 
 DEFAULT_MAX_SEQ_LEN = 512
 
@@ -167,12 +167,7 @@ def check_output(prefix: str, overwrite: bool) -> None:
     if existing and not overwrite:
         raise UserError(f"{', '.join(existing)} already exist(s); prepare will not replace a dataset "
                         f"unless you pass --overwrite (or choose another --output).")
-    parent = os.path.dirname(os.path.abspath(prefix))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create the output folder {parent} for --output {prefix}: {err.strerror}. "
-                        f"Choose a writable location.") from None
+    make_folder(os.path.dirname(os.path.abspath(prefix)), f"--output {prefix}")
 
 
 # --------------------------------------------------------------------------------------------
