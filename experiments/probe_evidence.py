@@ -210,6 +210,99 @@ def convergence_stage(args) -> dict:
     return result
 
 
+def validation_split(args) -> tuple[Path, Path]:
+    """The fine-tuning pairs cut in two by a hash of the page name (--val-share to the held-out part): the
+    full fine-tune learns from one and stops on the other, and the evaluation set stays untouched."""
+    import hashlib
+
+    fit, val = Path(args.pairs_dir) / "fit.jsonl", Path(args.pairs_dir) / "val.jsonl"
+    if fit.exists() and val.exists():
+        return fit, val
+    rows = {"fit": [], "val": []}
+    for line in (Path(args.pairs_dir) / "train.jsonl").read_text().splitlines():
+        page = json.loads(line)["page"]
+        digest = hashlib.blake2b(f"val:{page}".encode(), digest_size=8).digest()
+        rows["val" if int.from_bytes(digest, "big") / 2**64 < args.val_share else "fit"].append(line)
+    for path, lines in ((fit, rows["fit"]), (val, rows["val"])):
+        tmp = path.with_suffix(".partial")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(path)
+    print(f"validation split: {len(rows['fit'])} fine-tuning pairs ({fit}), {len(rows['val'])} held out ({val})")
+    return fit, val
+
+
+def reference_stage(args) -> dict:
+    """The full fine-tune each shorter probe is judged against: until held-out nDCG@10 is flat (early
+    stopping on a held-out part of the fine-tuning pairs, evaluated every --reference-eval-every steps,
+    patience --reference-patience, at most --reference-steps), on every kept checkpoint of RetroMAE seed 1,
+    MLM seed 1's last, and the other seeds' last (for RetroMAE - MLM at convergence). Then the Spearman
+    correlation with it of each probe length the convergence stage ran, and the paired difference."""
+    from experiments.paired_statistics import paired_bootstrap
+    from retromae_ds.engine.checkpoint import complete_checkpoints
+    from retromae_ds.evaluate import spearman
+
+    root = Path(args.runs_dir)
+    fit, val = validation_split(args)
+    encoders = {}
+    for checkpoint in complete_checkpoints(root / f"retromae_seed{args.seeds[0]}"):
+        encoders[f"retromae_{checkpoint.name}"] = root / "convergence" / "encoders" / f"retromae_{checkpoint.name}"
+    encoders["mlm_last"] = final_export(root / f"mlm_seed{args.seeds[0]}", args.pretrain_steps)
+    for seed in args.seeds[1:]:
+        for objective in OBJECTIVES:
+            encoders[f"{objective}_seed{seed}"] = final_export(root / f"{objective}_seed{seed}", args.pretrain_steps)
+    flags = ["--train-pairs", str(fit), "--val-pairs", str(val), "--pairs", f"{args.pairs_dir}/eval.jsonl",
+             "--steps", str(args.reference_steps), "--eval-every", str(args.reference_eval_every), "--patience",
+             str(args.reference_patience), "--warmup", str(args.reference_warmup), "--batch-size",
+             str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length), "--setting",
+             args.setting, "--seed", "0"]
+    tasks = []
+    for name, folder in encoders.items():
+        if not (folder / "config.json").exists():
+            raise SystemExit(f"{folder} is missing: run the convergence stage first (it exports the checkpoints)")
+        out = root / "reference" / name
+        if not list(out.glob("probe-*.json")):
+            tasks.append((f"{name} reference", ["probe", str(folder), *flags, "--out", str(out)],
+                          root / "logs" / f"reference_{name}.log"))
+    run_all(args.jobs, tasks)
+    ref = {name: _load(root / "reference" / name) for name in encoders}
+    seed1 = [n for n in encoders if n.startswith("retromae_step") or n == "mlm_last"]
+    result = {"settings": ref[seed1[0]]["settings"], "encoders": {}, "spearman_vs_reference": {}, "paired": {}}
+    for name, entry in ref.items():
+        v = entry["validation"]
+        result["encoders"][name] = {"ndcg10": entry["after"]["pairs/ndcg10_cls"],
+                                    "mrr10": entry["after"]["pairs/mrr10_cls"], "best_step": v["best_step"],
+                                    "stopped_at": v["stopped_at"], "best_val_ndcg10": v["best_ndcg10"],
+                                    "history": v["history"]}
+    reference = np.asarray([result["encoders"][n]["ndcg10"] for n in seed1])
+    lengths = json.loads(Path(args.report).with_name("probe_convergence.json").read_text())["steps"]
+    for steps, row in lengths.items():
+        if all(n in row["ndcg10"] for n in seed1):
+            result["spearman_vs_reference"][f"seed1_{steps}"] = spearman(
+                np.asarray([row["ndcg10"][n] for n in seed1]), reference)
+    # all ten encoders at the probe's default length (the other seeds' finals were probed by the probe stage)
+    probe = {n: row for n, row in final_entries(args).items() if n.split("_seed")[0] in OBJECTIVES}
+    probe_of = {**{n: lengths[str(args.probe_steps)]["ndcg10"][n] for n in seed1},
+                **{n: probe[n]["after"]["pairs/ndcg10_cls"] for n in encoders if "_seed" in n}}
+    names = list(encoders)
+    result["spearman_vs_reference"][f"all_{args.probe_steps}"] = spearman(
+        np.asarray([probe_of[n] for n in names]), np.asarray([result["encoders"][n]["ndcg10"] for n in names]))
+    last = {(o, args.seeds[0]): ref[f"retromae_step_{args.pretrain_steps:08d}" if o == "retromae" else "mlm_last"]
+            for o in OBJECTIVES}
+    last.update({(o, s): ref[f"{o}_seed{s}"] for o in OBJECTIVES for s in args.seeds[1:]})
+    for metric in METRICS:
+        a = [np.asarray(last["retromae", s]["per_query"]["after"][metric]) for s in args.seeds]
+        b = [np.asarray(last["mlm", s]["per_query"]["after"][metric]) for s in args.seeds]
+        result["paired"][metric] = paired_bootstrap(
+            a, b, lambda run, idx: float(run.mean() if idx is None else run[idx].mean()), len(a[0]), n_boot=2000,
+            seed=0)
+    out = Path(args.report).with_name("probe_reference.json")
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({"spearman": result["spearman_vs_reference"],
+                      "paired": {m: [r["diff"], r["low"], r["high"]] for m, r in result["paired"].items()},
+                      "ndcg10": {n: round(e["ndcg10"], 4) for n, e in result["encoders"].items()}}, indent=1))
+    return result
+
+
 def _load(path: Path) -> dict:
     (found,) = sorted(path.glob("probe-*.json"))
     return json.loads(found.read_text())
@@ -291,7 +384,7 @@ def markdown(report: dict) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=("all", "pairs", "pretrain", "probe", "report", "convergence"), default="all")
+    ap.add_argument("--stage", choices=("all", "pairs", "pretrain", "probe", "report", "convergence", "reference"), default="all")
     ap.add_argument("--pairs-dir", default=str(REPO / "data" / "manpages"))
     ap.add_argument("--runs-dir", default=str(REPO / "runs" / "evidence"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
@@ -306,6 +399,12 @@ def main(argv=None) -> int:
     ap.add_argument("--convergence-steps", type=int, nargs="+", default=[150, 300, 600, 1200],
                     help="fine-tuning lengths the convergence stage compares (the longest is the reference: "
                          "1,200 steps of 32 are 21 passes over the 1,832 manual-page fine-tuning pairs)")
+    ap.add_argument("--val-share", type=float, default=1 / 6,
+                    help="share of the fine-tuning pairs (by page-name hash) the reference stops on")
+    ap.add_argument("--reference-steps", type=int, default=3000, help="the reference fine-tune's most steps")
+    ap.add_argument("--reference-eval-every", type=int, default=150)
+    ap.add_argument("--reference-patience", type=int, default=4)
+    ap.add_argument("--reference-warmup", type=float, default=0.05)
     ap.add_argument("--jobs", type=int, default=2, help="probes run at once, one thread each (default 2)")
     ap.add_argument("--report", default=str(REPO / "experiments" / "results" / "probe_evidence.json"))
     args = ap.parse_args(argv)

@@ -96,7 +96,11 @@ to RUN/probe/probe-SETTING-HASH.json (after each checkpoint) with a curve of the
 against the pre-training step (PNG). Run it again later: checkpoints already probed are skipped. Settings:
 retromae-paper (dot product, temperature 1, as RetroMAE's bi-encoder) or bge (cosine, temperature 0.02).
 The same seed gives the same numbers. Keep the fine-tuning pairs apart from the evaluation set. Bad input
-stops with exit 2 before anything trains. More: docs/metrics.md#retrieval-on-your-own-data.""",
+stops with exit 2 before anything trains.
+
+A full fine-tune instead of the short probe: --val-pairs held_out.jsonl stops once nDCG@10 on those pairs
+has not improved for --patience evaluations (every --eval-every steps) and keeps the best state.
+More: docs/metrics.md#retrieval-on-your-own-data.""",
     "init": """\
 Write editable copies of the bundled DeepSpeed configs and the Slurm script into DIR.
 

@@ -301,6 +301,10 @@ MUTATIONS = [
              "if name.startswith(\"__\"):", "if False:",
              ["tests/test_unused_muon.py::test_a_run_without_muon_gets_stand_ins_and_any_other_name_the_real_module"],
              "the import system's __path__ probe loads DeepSpeed's real Muon through the stand-in"),
+    Mutation("early-stopping-keeps-the-last-state", "retromae_ds/retrieval/probe.py",
+             '"load_best_model_at_end": True,', '"load_best_model_at_end": False,',
+             ["tests/test_retrieval_eval.py::test_early_stopping_keeps_the_best_held_out_state"],
+             "a full fine-tune with --val-pairs is scored in its last state, not its best held-out one"),
 ]
 
 IGNORE = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", "*.egg-info", "*.pyc")

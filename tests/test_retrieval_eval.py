@@ -12,6 +12,7 @@ import pytest
 from retromae_ds import cli
 from retromae_ds.data.retrieval_sets import load_pairs
 from retromae_ds.retrieval import metrics as M
+from retromae_ds.retrieval.probe import ProbeSettings
 from tests.helpers import engine_runs as R
 from tests.helpers.retrieval_data import lee_pairs, tiny_encoder_dir, write_beir, write_pairs
 from tests.helpers.tiny_run import minilm_path, tiny_run
@@ -134,11 +135,37 @@ def test_the_cached_loss_trains_as_the_plain_one(files, tmp_path):
     assert results[1]["after"]["pairs/mrr10_cls"] == pytest.approx(results[0]["after"]["pairs/mrr10_cls"], abs=0.02)
 
 
+def test_early_stopping_keeps_the_best_held_out_state(files, tmp_path):
+    """--val-pairs: evaluated every 5 steps, the fine-tune stops --patience evaluations after its best one and
+    ends in that best state, not its last (the held-out set is also the evaluation set here, so the final
+    score must be the best held-out score); the results go to a file of their own."""
+    rows = lee_pairs(0, 120)[:24]
+    val = write_pairs(tmp_path / "val.jsonl", rows)
+    out = tmp_path / "es"
+    assert cli.main(["probe", files["tiny"], "--train-pairs", files["train"], "--pairs", val, "--val-pairs", val,
+                     *PROBE, "--steps", "60", "--eval-every", "5", "--patience", "2", "--out", str(out)]) == 0
+    (path,) = out.glob("probe-bge-*.json")
+    result = json.loads(path.read_text())
+    v = result["validation"]
+    steps, scores = zip(*v["history"])
+    assert steps == tuple(range(5, v["stopped_at"] + 1, 5))
+    assert v["best_ndcg10"] == max(scores) and v["best_step"] == steps[scores.index(max(scores))]
+    assert v["stopped_at"] == v["best_step"] + 2 * 5 < 60  # stopped early, 2 evaluations without a gain
+    assert scores[-1] < v["best_ndcg10"]  # the last state is worse: the reload is what the next line sees
+    assert result["after"]["pairs/ndcg10_cls"] == pytest.approx(v["best_ndcg10"], abs=1e-9)
+    fixed = {**result["settings"], "val_pairs": "", "val_queries": 0, "eval_every": 0, "patience": 0}
+    assert path.name == f"probe-bge-{ProbeSettings(**result['settings']).key()}.json" != \
+        f"probe-bge-{ProbeSettings(**fixed).key()}.json"  # a fixed-length probe's results are not mistaken for it
+
+
 def test_probe_refuses_bad_input_before_training(files, tmp_path, capsys):
     few = write_pairs(tmp_path / "few.jsonl", files["rows"][:4])
     cases = [(["--train-pairs", few, "--pairs", files["pairs"]], ["few.jsonl", "--batch-size"]),
              (["--train-pairs", files["train"]], ["--pairs", "--beir"]),
-             (["--train-pairs", files["train"], "--pairs", files["pairs"], "--steps", "0"], ["--steps"])]
+             (["--train-pairs", files["train"], "--pairs", files["pairs"], "--steps", "0"], ["--steps"]),
+             (["--train-pairs", files["train"], "--pairs", files["pairs"], "--patience", "3"], ["--val-pairs"]),
+             (["--train-pairs", files["train"], "--pairs", files["pairs"], "--val-pairs", few, "--patience", "0"],
+              ["--patience"])]
     for args, expect in cases:
         assert cli.main(["probe", files["tiny"], *args, "--out", str(tmp_path / "out")]) == 2
         err = capsys.readouterr().err

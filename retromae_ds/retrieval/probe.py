@@ -10,6 +10,11 @@ Two named settings: ``retromae-paper`` (dot product, temperature 1: RetroMAE's b
 (cosine, temperature 0.02). The zero-shot line is always cosine: an encoder that never learned a dot
 product's scale is judged on its angles.
 
+With ``--val-pairs`` the fine-tune is a full one instead: it is scored on that held-out set every
+``--eval-every`` steps, stops once nDCG@10 there has not improved for ``--patience`` evaluations (at most
+``--steps``), and keeps its best state (the trainer's early stopping and best-model reload). This is the
+reference a short probe is checked against: until held-out retrieval is flat, not a length chosen ahead.
+
 On a run folder every complete checkpoint is exported on the fly and probed, oldest first; the results go
 to OUT/probe-SETTING-HASH.json after each checkpoint (a killed probe keeps what it finished, and a second
 call probes only what is new; HASH names the settings, so other settings start their own file), with a
@@ -37,6 +42,8 @@ SETTINGS = {
     "bge": {"similarity": "cos", "temperature": 0.02},
 }
 STEPS, BATCH, LR, WARMUP, MAX_LENGTH = 600, 32, 5e-5, 0.1, 128
+PATIENCE, EVALUATIONS = 5, 20  # early stopping: evaluations without a gain; default evaluations per --steps
+VALIDATION_FIELDS = ("val_pairs", "val_queries", "eval_every", "patience")
 CURVE_METRICS = ("ndcg10", "mrr10")
 PER_QUERY_KEPT = ("ndcg10", "mrr10")  # per-query values saved for paired statistics
 
@@ -55,6 +62,10 @@ class ProbeSettings:
     train_rows: int = 0
     eval_source: str = ""
     eval_queries: int = 0
+    val_pairs: str = ""  # "": a fixed --steps fine-tune; else early stopping on this held-out set
+    val_queries: int = 0
+    eval_every: int = 0
+    patience: int = 0
 
     @property
     def similarity(self) -> str:
@@ -65,13 +76,39 @@ class ProbeSettings:
         return SETTINGS[self.setting]["temperature"]
 
     def key(self) -> str:
-        """A short hash of everything that changes the numbers: results with other settings go elsewhere."""
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        """A short hash of everything that changes the numbers: results with other settings go elsewhere.
+        A fixed-length probe hashes as it did before early stopping existed, so its results stay found."""
+        fields = asdict(self)
+        if not self.val_pairs:
+            for name in VALIDATION_FIELDS:
+                del fields[name]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def fine_tune(model_dir: str, train: dict[str, list[str]], settings: ProbeSettings, work_dir: str):
+def held_out_evaluator(val_set, settings: ProbeSettings):
+    """A sentence-transformers evaluator scoring [CLS] on the held-out set with the setting's similarity, by
+    this project's metrics (:func:`retromae_ds.retrieval.evaluation.score_set`); nDCG@10 picks the best."""
+    from sentence_transformers.base.evaluation import BaseEvaluator
+
+    from retromae_ds.retrieval.evaluation import score_set
+
+    class HeldOutRetrieval(BaseEvaluator):
+        def __init__(self):
+            super().__init__()
+            self.primary_metric = "ndcg10"
+
+        def __call__(self, model, output_path=None, epoch=-1, steps=-1) -> dict[str, float]:
+            scores = score_set(model[0].auto_model, model[0].tokenizer, val_set, prefix="val",
+                               max_length=settings.max_length, device=model.device, similarity=settings.similarity)
+            return {name: scores.metrics[f"val/{name}_cls"] for name in CURVE_METRICS}
+
+    return HeldOutRetrieval()
+
+
+def fine_tune(model_dir: str, train: dict[str, list[str]], settings: ProbeSettings, work_dir: str, val_set=None):
     """sentence-transformers' trainer on ``train`` ({"anchor", "positive"[, "negative"]} columns) from the
-    encoder in ``model_dir``: returns (the fine-tuned Hugging Face encoder, its tokenizer, final loss)."""
+    encoder in ``model_dir``: returns (the fine-tuned Hugging Face encoder, its tokenizer, final loss, and
+    with ``val_set`` the held-out history: {"history": [[step, nDCG@10], ...], "best_step", "stopped_at"})."""
     import datasets
     import torch
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
@@ -79,7 +116,9 @@ def fine_tune(model_dir: str, train: dict[str, list[str]], settings: ProbeSettin
     from sentence_transformers.sentence_transformer import losses
     from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
     from sentence_transformers.util import cos_sim, dot_score
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per checkpoint the early stopping writes says nothing
     transformer = Transformer(model_dir, max_seq_length=settings.max_length)
     pooling = Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")
     cuda = torch.cuda.is_available()
@@ -94,17 +133,39 @@ def fine_tune(model_dir: str, train: dict[str, list[str]], settings: ProbeSettin
     args = SentenceTransformerTrainingArguments(
         output_dir=work_dir, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
         learning_rate=settings.learning_rate, warmup_steps=settings.warmup, lr_scheduler_type="linear",
-        seed=settings.seed, data_seed=settings.seed, batch_sampler="no_duplicates", save_strategy="no",
-        report_to="none", logging_steps=max(1, settings.steps // 10), disable_tqdm=True, use_cpu=not cuda,
-        bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_drop_last=True)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(train),
-                                         loss=loss)
+        seed=settings.seed, data_seed=settings.seed, batch_sampler="no_duplicates", report_to="none",
+        logging_steps=max(1, settings.steps // 10), disable_tqdm=True, use_cpu=not cuda,
+        bf16=cuda and torch.cuda.is_bf16_supported(), dataloader_drop_last=True, **early_stopping(settings))
+    callbacks = []
+    if val_set is not None:
+        from transformers import EarlyStoppingCallback
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.patience))
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_dict(train), loss=loss, callbacks=callbacks,
+        evaluator=held_out_evaluator(val_set, settings) if val_set is not None else None)
     output = trainer.train()
-    encoder = model[0].auto_model.float()
-    return encoder, model[0].tokenizer, float(output.training_loss)
+    encoder = model[0].auto_model.float()  # with early stopping: the best state, reloaded by the trainer
+    validation = None
+    if val_set is not None:
+        state = trainer.state
+        validation = {"history": [[e["step"], e["eval_ndcg10"]] for e in state.log_history if "eval_ndcg10" in e],
+                      "best_step": state.best_global_step, "best_ndcg10": state.best_metric,
+                      "stopped_at": state.global_step}
+    return encoder, model[0].tokenizer, float(output.training_loss), validation
 
 
-def probe_encoder(model_dir: str, train: dict, eval_set, prefix: str, settings: ProbeSettings) -> dict:
+def early_stopping(settings: ProbeSettings) -> dict:
+    """The trainer's arguments: no checkpoints for a fixed-length probe; with a held-out set, an evaluation
+    and a checkpoint every --eval-every steps (the best one is kept and reloaded at the end)."""
+    if not settings.val_pairs:
+        return {"save_strategy": "no"}
+    return {"eval_strategy": "steps", "eval_steps": settings.eval_every, "save_strategy": "steps",
+            "save_steps": settings.eval_every, "save_total_limit": 1, "load_best_model_at_end": True,
+            "metric_for_best_model": "eval_ndcg10", "greater_is_better": True}
+
+
+def probe_encoder(model_dir: str, train: dict, eval_set, prefix: str, settings: ProbeSettings,
+                  val_set=None) -> dict:
     """Zero-shot (cosine) and after-fine-tune (the setting's similarity) scores of one encoder folder."""
     import torch
 
@@ -123,10 +184,11 @@ def probe_encoder(model_dir: str, train: dict, eval_set, prefix: str, settings: 
     before = score_set(encoder, tokenizer, eval_set, similarity="cos", device=device, **kw)
     del encoder
     with tempfile.TemporaryDirectory(prefix="probe-") as work:
-        tuned, tuned_tokenizer, loss = fine_tune(model_dir, train, settings, work)
+        tuned, tuned_tokenizer, loss, validation = fine_tune(model_dir, train, settings, work, val_set)
         after = score_set(tuned, tuned_tokenizer, eval_set, similarity=settings.similarity,
                           device=next(tuned.parameters()).device, **kw)
-    return {"zero_shot": before.metrics, "after": after.metrics, "train_loss": loss,
+    extra = {"validation": validation} if validation else {}
+    return {"zero_shot": before.metrics, "after": after.metrics, "train_loss": loss, **extra,
             "per_query": {stage: {metric: [round(float(v), 6) for v in scores.per_query["cls"][metric]]
                                   for metric in PER_QUERY_KEPT if metric in scores.per_query["cls"]}
                           for stage, scores in (("zero_shot", before), ("after", after))},
@@ -150,7 +212,8 @@ def load_results(path: Path, settings: ProbeSettings) -> dict:
     return {"settings": asdict(settings), "checkpoints": []}
 
 
-def probe_run(run_dir: str, out_dir: Path, train: dict, eval_set, prefix: str, settings: ProbeSettings) -> dict:
+def probe_run(run_dir: str, out_dir: Path, train: dict, eval_set, prefix: str, settings: ProbeSettings,
+              val_set=None) -> dict:
     """Probe each complete checkpoint of ``run_dir`` not yet in the results file; returns the results."""
     from retromae_ds.engine.checkpoint import complete_checkpoints
     from retromae_ds.engine.export import export_checkpoint
@@ -171,7 +234,7 @@ def probe_run(run_dir: str, out_dir: Path, train: dict, eval_set, prefix: str, s
         export_dir = Path(tempfile.mkdtemp(prefix=".probe-export-", dir=out_dir))
         try:
             export_checkpoint(checkpoint, export_dir / "encoder")
-            entry = probe_encoder(str(export_dir / "encoder"), train, eval_set, prefix, settings)
+            entry = probe_encoder(str(export_dir / "encoder"), train, eval_set, prefix, settings, val_set)
         finally:
             shutil.rmtree(export_dir, ignore_errors=True)
         results["checkpoints"].append({"checkpoint": checkpoint.name, "step": step, **entry})
@@ -184,8 +247,12 @@ def probe_run(run_dir: str, out_dir: Path, train: dict, eval_set, prefix: str, s
 
 def summary(entry: dict, prefix: str) -> str:
     before, after = entry["zero_shot"], entry["after"]
-    return ", ".join(f"{name} {before[f'{prefix}/{name}_cls']:.4f} -> {after[f'{prefix}/{name}_cls']:.4f}"
+    text = ", ".join(f"{name} {before[f'{prefix}/{name}_cls']:.4f} -> {after[f'{prefix}/{name}_cls']:.4f}"
                      for name in CURVE_METRICS)
+    if "validation" in entry:
+        v = entry["validation"]
+        text += f" (best held-out nDCG@10 {v['best_ndcg10']:.4f} at step {v['best_step']}, stopped at {v['stopped_at']})"
+    return text
 
 
 def plot_curve(results: dict, prefix: str, png: Path) -> bool:
@@ -243,7 +310,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a hard-negative passage column of --train-pairs (default: in-batch negatives only)")
     parser.add_argument("--setting", choices=tuple(SETTINGS), default="retromae-paper",
                         help="retromae-paper: dot product, temperature 1 (default); bge: cosine, temperature 0.02")
-    parser.add_argument("--steps", type=int, default=STEPS, help=f"fine-tuning steps (default {STEPS})")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help=f"fine-tuning steps (default {STEPS}); with --val-pairs, the most it may take")
     parser.add_argument("--batch-size", type=int, default=BATCH,
                         help=f"pairs per step; each query's negatives are the batch's other passages (default {BATCH})")
     parser.add_argument("--mini-batch-size", type=int, default=0, metavar="N",
@@ -253,13 +321,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH,
                         help=f"tokens per text incl. [CLS]/[SEP] (default {MAX_LENGTH})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fine-tune and the intervals (default 0)")
+    parser.add_argument("--val-pairs", metavar="FILE", default=None,
+                        help="a full fine-tune instead of the fixed probe: score [CLS] on these held-out pairs (same "
+                             "formats and field flags as --pairs; apart from both other sets) every --eval-every "
+                             "steps, stop when nDCG@10 there has not improved for --patience evaluations, keep the "
+                             "best state")
+    parser.add_argument("--eval-every", type=int, default=0, metavar="N",
+                        help=f"steps between held-out evaluations (default: --steps / {EVALUATIONS})")
+    parser.add_argument("--patience", type=int, default=PATIENCE, metavar="K",
+                        help=f"evaluations without a gain before stopping (default {PATIENCE})")
     parser.add_argument("--out", metavar="DIR", default=None,
                         help="where the results go (default: RUN_DIR/probe for a run; none for an encoder folder)")
     add_set_arguments(parser)
 
 
 def main(args) -> int:
-    from retromae_ds.data.retrieval_sets import load_training_pairs
+    from retromae_ds.data.retrieval_sets import load_pairs, load_training_pairs
     from retromae_ds.engine.checkpoint import complete_checkpoints
     from retromae_ds.evaluate import load_retrieval_set
 
@@ -269,6 +346,12 @@ def main(args) -> int:
             raise UserError(f"{flag} must be at least {low}, got {value}.")
     if not 0 <= args.warmup < 1:
         raise UserError(f"--warmup is a fraction of --steps in [0, 1), got {args.warmup}.")
+    if (args.eval_every or args.patience != PATIENCE) and not args.val_pairs:
+        raise UserError("--eval-every and --patience are for early stopping: pass --val-pairs FILE, held-out pairs "
+                        "to stop on (docs/metrics.md).")
+    if args.eval_every < 0 or args.patience < 1:
+        raise UserError(f"--eval-every must be at least 1 and --patience at least 1, got {args.eval_every} and "
+                        f"{args.patience}.")
     if not (args.pairs or args.beir):
         raise UserError("the probe needs an evaluation set: pass --pairs FILE or --beir DIR (see docs/metrics.md).")
     is_encoder = os.path.exists(os.path.join(args.target, "config.json"))
@@ -282,15 +365,20 @@ def main(args) -> int:
     if len(train["anchor"]) < args.batch_size:
         raise UserError(f"{args.train_pairs} holds {len(train['anchor'])} pairs, fewer than one --batch-size "
                         f"{args.batch_size} batch; lower --batch-size or add pairs.")
+    val_set = None
+    if args.val_pairs:
+        val_set = load_pairs(args.val_pairs, query_field=args.query_field, passage_field=args.passage_field)
     settings = ProbeSettings(setting=args.setting, steps=args.steps, batch_size=args.batch_size,
                              mini_batch_size=args.mini_batch_size, learning_rate=args.lr, warmup=args.warmup,
                              max_length=args.max_length, seed=args.seed,
                              train_pairs=os.path.abspath(args.train_pairs), train_rows=len(train["anchor"]),
-                             eval_source=os.path.abspath(eval_set.source), eval_queries=len(eval_set.query_ids))
+                             eval_source=os.path.abspath(eval_set.source), eval_queries=len(eval_set.query_ids),
+                             **validation_settings(args, val_set))
     say(f"evaluation set: {eval_set.describe()}; fine-tune: {len(train['anchor'])} pairs, {args.steps} steps of "
-        f"{args.batch_size}, setting {args.setting}")
+        f"{args.batch_size}, setting {args.setting}" + (f"; early stopping on {val_set.describe()} every "
+        f"{settings.eval_every} steps, patience {settings.patience}" if val_set is not None else ""))
     if is_encoder:
-        entry = probe_encoder(args.target, train, eval_set, prefix, settings)
+        entry = probe_encoder(args.target, train, eval_set, prefix, settings, val_set)
         print(summary(entry, prefix))
         if args.out:
             out = Path(args.out)
@@ -300,7 +388,15 @@ def main(args) -> int:
             print(f"wrote {results_path(out, settings)}")
         return 0
     out = Path(args.out) if args.out else Path(args.target) / "probe"
-    results = probe_run(args.target, out, train, eval_set, prefix, settings)
+    results = probe_run(args.target, out, train, eval_set, prefix, settings, val_set)
     path = results_path(out, settings)
     print(f"{len(results['checkpoints'])} checkpoints probed: {path} and {path.with_suffix('.png').name}")
     return 0
+
+
+def validation_settings(args, val_set) -> dict:
+    """The early-stopping fields of :class:`ProbeSettings` ({} for a fixed-length probe)."""
+    if val_set is None:
+        return {}
+    return {"val_pairs": os.path.abspath(args.val_pairs), "val_queries": len(val_set.query_ids),
+            "eval_every": args.eval_every or max(1, args.steps // EVALUATIONS), "patience": args.patience}
