@@ -29,23 +29,21 @@ def encode(encoder, tokenizer, texts: Sequence[str], *, max_length: int, batch_s
            normalize: bool = True, desc: str | None = None) -> dict[str, np.ndarray]:
     """{"cls": [n, hidden], "mean": [n, hidden]} float32 embeddings of ``texts``, in order.
 
-    Texts are tokenized and embedded a slab at a time (:func:`retromae_ds.evaluate.embed_ids` sorts each
-    slab by length, so batches waste little on padding). Deterministic: the same texts give the same
-    batches on every rank, as ZeRO-3's collective forwards need. ``desc`` shows a progress bar (rank 0).
+    Texts are tokenized and embedded a slab at a time (:func:`retromae_ds.evaluate.embed_texts`; its
+    :func:`~retromae_ds.evaluate.embed_ids` sorts each slab by length, so batches waste little on padding).
+    Deterministic: the same texts give the same batches on every rank, as ZeRO-3's collective forwards
+    need. ``desc`` shows a progress bar (rank 0).
     """
     from tqdm.auto import tqdm
 
-    from retromae_ds.evaluate import embed_ids
+    from retromae_ds.evaluate import embed_texts
 
     out: dict[str, np.ndarray] = {}
-    room = max_length - 2
     bar = tqdm(total=len(texts), desc=desc, unit="text", disable=desc is None, leave=False, file=sys.stderr)
     for start in range(0, len(texts), SLAB):
         chunk = list(texts[start:start + SLAB])
-        ids = tokenizer(chunk, add_special_tokens=False, truncation=True, max_length=room)["input_ids"]
-        emb = embed_ids(encoder, [np.asarray(x, dtype=np.int64) for x in ids], tokenizer.cls_token_id,
-                        tokenizer.sep_token_id, tokenizer.pad_token_id, batch_size=batch_size,
-                        max_length=max_length, device=device, normalize=normalize)
+        emb = embed_texts(encoder, tokenizer, chunk, batch_size=batch_size, max_length=max_length, device=device,
+                          normalize=normalize)
         for pooling, rows in emb.items():
             if pooling not in out:
                 out[pooling] = np.empty((len(texts), rows.shape[1]), dtype=np.float32)
