@@ -2,6 +2,8 @@
 
     python -m experiments.probe_evidence                    # every stage; finished ones are reused
     python -m experiments.probe_evidence --stage probe      # one stage: pairs, pretrain, probe, report
+    python -m experiments.probe_evidence --stage convergence --convergence-steps 150 600 1200
+    python -m experiments.probe_evidence --stage reference  # the full fine-tune the lengths are judged by
 
 Stages:
 1. pairs: a real query-passage set that is not cut from the pre-training text: the manual pages installed
@@ -22,7 +24,14 @@ Stages:
    difference with a 95% two-stage bootstrap interval (seeds and queries), as JSON and markdown.
 5. convergence (run on its own, `--stage convergence`): the probe at several lengths on every kept checkpoint
    of one RetroMAE run and the MLM run's last; the Spearman correlation of each length's ranking with the
-   longest fine-tune's, to choose the probe's default length.
+   longest fine-tune's.
+6. reference (run on its own after 5, `--stage reference`): the full fine-tune every length is judged
+   against, `retromae-ds probe --val-pairs`: the fine-tuning pairs split by page name into 5/6 to learn
+   from and 1/6 held out; evaluated on the held-out part every 150 steps, stopped after 4 evaluations
+   without a gain (at most 3,000 steps), its best state scored on the evaluation set. On seed 1's
+   checkpoints and MLM's last (the Spearman correlation of each probe length with it, with an interval
+   over queries), and on the other seeds' finals (RetroMAE - MLM at convergence, 3 seeds paired); again
+   with fine-tune seed 1 on --reseed's encoders (the reference's own noise).
 
 On 2 CPU cores (2026-12-05, bench/results/2026-12-05-probe-evidence-cpu.md): the pre-training took 91 min
 beside the probes (~45 min alone), each 600-step probe of bert-tiny 7-12 min with up to 6 processes on the
@@ -263,6 +272,11 @@ def reference_stage(args) -> dict:
         if not list(out.glob("probe-*.json")):
             tasks.append((f"{name} reference", ["probe", str(folder), *flags, "--out", str(out)],
                           root / "logs" / f"reference_{name}.log"))
+    for name in args.reseed:  # the reference's own noise: the same full fine-tune with fine-tune seed 1
+        out = root / "reference_seed1" / name
+        if not list(out.glob("probe-*.json")):
+            tasks.append((f"{name} reference, seed 1", ["probe", str(encoders[name]), *flags[:-1], "1", "--out",
+                                                         str(out)], root / "logs" / f"reference_seed1_{name}.log"))
     run_all(args.jobs, tasks)
     ref = {name: _load(root / "reference" / name) for name in encoders}
     seed1 = [n for n in encoders if n.startswith("retromae_step") or n == "mlm_last"]
@@ -273,19 +287,24 @@ def reference_stage(args) -> dict:
                                     "mrr10": entry["after"]["pairs/mrr10_cls"], "best_step": v["best_step"],
                                     "stopped_at": v["stopped_at"], "best_val_ndcg10": v["best_ndcg10"],
                                     "history": v["history"]}
-    reference = np.asarray([result["encoders"][n]["ndcg10"] for n in seed1])
-    lengths = json.loads(Path(args.report).with_name("probe_convergence.json").read_text())["steps"]
-    for steps, row in lengths.items():
-        if all(n in row["ndcg10"] for n in seed1):
-            result["spearman_vs_reference"][f"seed1_{steps}"] = spearman(
-                np.asarray([row["ndcg10"][n] for n in seed1]), reference)
-    # all ten encoders at the probe's default length (the other seeds' finals were probed by the probe stage)
-    probe = {n: row for n, row in final_entries(args).items() if n.split("_seed")[0] in OBJECTIVES}
-    probe_of = {**{n: lengths[str(args.probe_steps)]["ndcg10"][n] for n in seed1},
-                **{n: probe[n]["after"]["pairs/ndcg10_cls"] for n in encoders if "_seed" in n}}
-    names = list(encoders)
-    result["spearman_vs_reference"][f"all_{args.probe_steps}"] = spearman(
-        np.asarray([probe_of[n] for n in names]), np.asarray([result["encoders"][n]["ndcg10"] for n in names]))
+    after = lambda entry: np.asarray(entry["per_query"]["after"]["ndcg10"])  # noqa: E731
+    reference = {n: after(ref[n]) for n in encoders}
+    for steps in args.convergence_steps:  # the convergence stage's fine-tunes of seed 1's encoders
+        if steps == args.probe_steps:
+            continue
+        found = {n: root / "convergence" / f"steps{steps}" / n for n in seed1}
+        if all(list(f.glob("probe-*.json")) for f in found.values()):
+            result["spearman_vs_reference"][f"seed1_{steps}"] = spearman_interval(
+                {n: after(_load(f)) for n, f in found.items()}, reference, spearman)
+    # the probe's default length: seed 1's curves and the other seeds' finals, from the probe stage
+    probe = {n: e for n, e in final_entries(args).items() if n.split("_seed")[0] in OBJECTIVES}
+    curve = {e["checkpoint"]: e for e in _load(root / f"retromae_seed{args.seeds[0]}" / "probe")["checkpoints"]}
+    at_default = {**{f"retromae_{c}": after(e) for c, e in curve.items()},
+                  "mlm_last": after(probe[f"mlm_seed{args.seeds[0]}"]),
+                  **{n: after(probe[n]) for n in encoders if "_seed" in n}}
+    result["spearman_vs_reference"][f"seed1_{args.probe_steps}"] = spearman_interval(
+        {n: at_default[n] for n in seed1}, reference, spearman)
+    result["spearman_vs_reference"][f"all_{args.probe_steps}"] = spearman_interval(at_default, reference, spearman)
     last = {(o, args.seeds[0]): ref[f"retromae_step_{args.pretrain_steps:08d}" if o == "retromae" else "mlm_last"]
             for o in OBJECTIVES}
     last.update({(o, s): ref[f"{o}_seed{s}"] for o in OBJECTIVES for s in args.seeds[1:]})
@@ -295,12 +314,35 @@ def reference_stage(args) -> dict:
         result["paired"][metric] = paired_bootstrap(
             a, b, lambda run, idx: float(run.mean() if idx is None else run[idx].mean()), len(a[0]), n_boot=2000,
             seed=0)
+    for name in encoders:
+        other = root / "reference_seed1" / name
+        if list(other.glob("probe-*.json")):
+            again = _load(other)
+            result["encoders"][name]["fine_tune_seed1"] = {
+                "ndcg10": again["after"]["pairs/ndcg10_cls"], "mrr10": again["after"]["pairs/mrr10_cls"],
+                "best_step": again["validation"]["best_step"], "best_val_ndcg10": again["validation"]["best_ndcg10"]}
     out = Path(args.report).with_name("probe_reference.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({"spearman": result["spearman_vs_reference"],
+    print(json.dumps({"spearman": {k: [round(v["rho"], 3), round(v["low"], 3), round(v["high"], 3)]
+                                   for k, v in result["spearman_vs_reference"].items()},
                       "paired": {m: [r["diff"], r["low"], r["high"]] for m, r in result["paired"].items()},
                       "ndcg10": {n: round(e["ndcg10"], 4) for n, e in result["encoders"].items()}}, indent=1))
     return result
+
+
+def spearman_interval(probe: dict, reference: dict, spearman, resamples: int = 2000) -> dict:
+    """Spearman correlation of the encoders' mean nDCG@10 under ``probe`` with that under ``reference``
+    ({encoder: per-query values}, the same queries), and its 95% interval over the evaluation queries
+    (resampled with replacement, the same draw for every encoder): how much the query sample alone moves it.
+    The fine-tunes' own randomness is not in it."""
+    names = [n for n in probe if n in reference]
+    a = np.stack([probe[n] for n in names])
+    b = np.stack([reference[n] for n in names])
+    rng = np.random.default_rng(0)
+    draws = [spearman(a[:, idx].mean(1), b[:, idx].mean(1))
+             for idx in (rng.integers(0, a.shape[1], a.shape[1]) for _ in range(resamples))]
+    return {"encoders": names, "rho": spearman(a.mean(1), b.mean(1)),
+            "low": float(np.percentile(draws, 2.5)), "high": float(np.percentile(draws, 97.5))}
 
 
 def _load(path: Path) -> dict:
@@ -405,6 +447,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-eval-every", type=int, default=150)
     ap.add_argument("--reference-patience", type=int, default=4)
     ap.add_argument("--reference-warmup", type=float, default=0.05)
+    ap.add_argument("--reseed", nargs="*", default=["retromae_step_00003600", "mlm_last"], metavar="ENCODER",
+                    help="encoders whose reference fine-tune runs again with fine-tune seed 1 (its own noise)")
     ap.add_argument("--jobs", type=int, default=2, help="probes run at once, one thread each (default 2)")
     ap.add_argument("--report", default=str(REPO / "experiments" / "results" / "probe_evidence.json"))
     args = ap.parse_args(argv)
