@@ -156,11 +156,13 @@ def fine_tune(model_dir: str, train: dict[str, list[str]], settings: ProbeSettin
 
 def early_stopping(settings: ProbeSettings) -> dict:
     """The trainer's arguments: no checkpoints for a fixed-length probe; with a held-out set, an evaluation
-    and a checkpoint every --eval-every steps (the best one is kept and reloaded at the end)."""
+    and a checkpoint of the weights alone every --eval-every steps (the best one is kept and reloaded at the
+    end; no optimizer state: it is never resumed)."""
     if not settings.val_pairs:
         return {"save_strategy": "no"}
     return {"eval_strategy": "steps", "eval_steps": settings.eval_every, "save_strategy": "steps",
-            "save_steps": settings.eval_every, "save_total_limit": 1, "load_best_model_at_end": True,
+            "save_steps": settings.eval_every, "save_total_limit": 1, "save_only_model": True,
+            "load_best_model_at_end": True,
             "metric_for_best_model": "eval_ndcg10", "greater_is_better": True}
 
 
