@@ -73,10 +73,11 @@ def pretrain_stage(args) -> None:
     subprocess.run(cmd, cwd=REPO, check=True)
 
 
-def probe_flags(args, steps: int | None = None) -> list[str]:
-    return ["--train-pairs", f"{args.pairs_dir}/train.jsonl", "--pairs", f"{args.pairs_dir}/eval.jsonl",
-            "--steps", str(steps or args.probe_steps), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-            "--max-length", str(args.max_length), "--setting", args.setting, "--seed", "0"]
+def probe_flags(args, steps: int | None = None, train_pairs: Path | None = None, seed: int = 0) -> list[str]:
+    return ["--train-pairs", str(train_pairs or f"{args.pairs_dir}/train.jsonl"), "--pairs",
+            f"{args.pairs_dir}/eval.jsonl", "--steps", str(steps or args.probe_steps), "--batch-size",
+            str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length), "--setting",
+            args.setting, "--seed", str(seed)]
 
 
 def retromae_ds(*argv: str, log: Path | None = None) -> None:
@@ -259,24 +260,25 @@ def reference_stage(args) -> dict:
     for seed in args.seeds[1:]:
         for objective in OBJECTIVES:
             encoders[f"{objective}_seed{seed}"] = final_export(root / f"{objective}_seed{seed}", args.pretrain_steps)
-    flags = ["--train-pairs", str(fit), "--val-pairs", str(val), "--pairs", f"{args.pairs_dir}/eval.jsonl",
-             "--steps", str(args.reference_steps), "--eval-every", str(args.reference_eval_every), "--patience",
-             str(args.reference_patience), "--warmup", str(args.reference_warmup), "--batch-size",
-             str(args.batch_size), "--lr", str(args.lr), "--max-length", str(args.max_length), "--setting",
-             args.setting, "--seed", "0"]
+    early_stopping = ["--val-pairs", str(val), "--eval-every", str(args.reference_eval_every), "--patience",
+                      str(args.reference_patience), "--warmup", str(args.reference_warmup)]
+
+    def flags(seed: int) -> list[str]:
+        return [*probe_flags(args, args.reference_steps, train_pairs=fit, seed=seed), *early_stopping]
+
     tasks = []
     for name, folder in encoders.items():
         if not (folder / "config.json").exists():
             raise SystemExit(f"{folder} is missing: run the convergence stage first (it exports the checkpoints)")
         out = root / "reference" / name
         if not list(out.glob("probe-*.json")):
-            tasks.append((f"{name} reference", ["probe", str(folder), *flags, "--out", str(out)],
+            tasks.append((f"{name} reference", ["probe", str(folder), *flags(0), "--out", str(out)],
                           root / "logs" / f"reference_{name}.log"))
     for name in args.reseed:  # the reference's own noise: the same full fine-tune with fine-tune seed 1
         out = root / "reference_seed1" / name
         if not list(out.glob("probe-*.json")):
-            tasks.append((f"{name} reference, seed 1", ["probe", str(encoders[name]), *flags[:-1], "1", "--out",
-                                                         str(out)], root / "logs" / f"reference_seed1_{name}.log"))
+            tasks.append((f"{name} reference, seed 1", ["probe", str(encoders[name]), *flags(1), "--out", str(out)],
+                          root / "logs" / f"reference_seed1_{name}.log"))
     run_all(args.jobs, tasks)
     ref = {name: _load(root / "reference" / name) for name in encoders}
     seed1 = [n for n in encoders if n.startswith("retromae_step") or n == "mlm_last"]

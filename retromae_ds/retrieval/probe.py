@@ -352,8 +352,8 @@ def main(args) -> int:
         raise UserError("--eval-every and --patience are for early stopping: pass --val-pairs FILE, held-out pairs "
                         "to stop on (docs/metrics.md).")
     if args.eval_every < 0 or args.patience < 1:
-        raise UserError(f"--eval-every must be at least 1 and --patience at least 1, got {args.eval_every} and "
-                        f"{args.patience}.")
+        raise UserError(f"--eval-every must be 1 or more (0: --steps / {EVALUATIONS}) and --patience at least 1, "
+                        f"got {args.eval_every} and {args.patience}.")
     if not (args.pairs or args.beir):
         raise UserError("the probe needs an evaluation set: pass --pairs FILE or --beir DIR (see docs/metrics.md).")
     is_encoder = os.path.exists(os.path.join(args.target, "config.json"))
